@@ -1,0 +1,198 @@
+"""Configuration of the `ript` policy: advantage-conditioned flow matching with classifier-free guidance."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from lerobot.configs import NormalizationMode, PreTrainedConfig
+from lerobot.optim import AdamWConfig
+from lerobot.optim.schedulers import CosineDecayWithWarmupSchedulerConfig
+from lerobot.utils.constants import ACTION
+
+OBJECTIVES = ("cfg", "cfgrl", "weighted")
+BACKBONES = ("small", "pi0", "pi05", "smolvla")
+
+
+def _choice_error(field_name: str, value: str, valid: tuple[str, ...]) -> ValueError:
+    close = difflib.get_close_matches(str(value), valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ValueError(f"{field_name}={value!r} is not one of {list(valid)}.{hint}")
+
+
+@PreTrainedConfig.register_subclass("ript")
+@dataclass
+class RiptConfig(PreTrainedConfig):
+    """A flow-matching policy whose action denoiser is conditioned on an optimality label.
+
+    The label (good / bad / null) comes from the sign of a per-frame `advantages` batch key; with no such key
+    every frame is good, so a plain demonstration dataset trains plain flow matching. The label and the flow
+    time condition every denoiser layer (adaLN-style scale, shift and gate). Sampling uses classifier-free
+    guidance: v = v_null + guidance_scale * (v_good - v_null).
+    """
+
+    # Number of observation frames fed to the policy (only 1 is supported).
+    n_obs_steps: int = 1
+    # Length of the predicted action chunk, in env steps (>= 1). openpi uses 50.
+    chunk_size: int = 50
+    # Number of actions of a chunk executed before the policy is queried again (1..chunk_size).
+    n_action_steps: int = 50
+    # Euler steps used to integrate the flow from noise (t=1) to actions (t=0) (>= 1).
+    num_inference_steps: int = 10
+
+    # How each feature type is normalised by the processors. Never QUANTILES for advantages.
+    normalization_mapping: dict[str, NormalizationMode] = field(
+        default_factory=lambda: {
+            "VISUAL": NormalizationMode.IDENTITY,
+            "STATE": NormalizationMode.MEAN_STD,
+            "ACTION": NormalizationMode.MEAN_STD,
+        }
+    )
+
+    # Backbone behind the backbone seam: "small" (built-in, runs on a CPU) or a LeRobot VLA
+    # ("pi0", "pi05", "smolvla"; GPU, needs `lerobot_policy_ript[vla]` and their weights).
+    backbone: str = "small"
+    # Width of the small backbone's observation encoder and denoiser (>= 8).
+    hidden_dim: int = 256
+    # Number of adaLN-conditioned residual blocks in the small denoiser (>= 1).
+    num_denoiser_layers: int = 3
+    # Width of the (time + label) conditioning vector fed to every denoiser layer (>= 8).
+    cond_dim: int = 128
+    # Camera images are resized to (height, width) pixels before the small CNN encoder.
+    image_size: tuple[int, int] = (224, 224)
+    # Channels of the small CNN image encoder's last layer (>= 8).
+    image_channels: int = 32
+    # Normalised state values are clamped to +-this bound (guards against near-zero std dims).
+    state_clip: float = 10.0
+    # Zero-pad or truncate `observation.state` to this size (>= 1); None leaves the state as it is.
+    target_state_dim: int | None = None
+
+    # Training objective: "cfg" (label-conditioned flow matching with label dropout), "cfgrl" (one
+    # shared noise/time draw, loss = 1[A>0] L(good) + cfg_alpha L(null)) or "weighted" (per-sample flow
+    # loss times a non-negative weight from `advantage_weights` or `advantages`).
+    objective: str = "cfg"
+    # Probability (0..1) that a label is replaced by the null label during "cfg" training.
+    cfg_dropout_prob: float = 0.1
+    # Training weight (>= 0) of the unconditional (null) branch in the "cfgrl" objective; not the guidance scale.
+    cfg_alpha: float = 0.1
+    # Classifier-free guidance scale w (>= 0) used by select_action / lerobot-eval. 1 = plain conditional.
+    guidance_scale: float = 1.0
+    # At sampling time, check that the two guidance branches share no storage (cheap; raises if they do).
+    enable_cfg_safe_copy: bool = False
+    # Flow time t ~ Beta(alpha, beta) * scale + offset during training (openpi's convention).
+    time_sampling_beta_alpha: float = 1.5
+    # See time_sampling_beta_alpha.
+    time_sampling_beta_beta: float = 1.0
+    # See time_sampling_beta_alpha.
+    time_sampling_scale: float = 0.999
+    # See time_sampling_beta_alpha.
+    time_sampling_offset: float = 0.001
+
+    # AdamW learning rate (> 0).
+    optimizer_lr: float = 3e-4
+    # AdamW betas.
+    optimizer_betas: tuple[float, float] = (0.9, 0.95)
+    # AdamW epsilon.
+    optimizer_eps: float = 1e-8
+    # AdamW weight decay (>= 0).
+    optimizer_weight_decay: float = 1e-6
+    # Gradient clipping max norm (> 0).
+    optimizer_grad_clip_norm: float = 10.0
+    # Warmup steps of the cosine schedule (>= 0).
+    scheduler_warmup_steps: int = 100
+    # Decay steps of the cosine schedule (>= 1).
+    scheduler_decay_steps: int = 30_000
+    # Final learning rate of the cosine schedule.
+    scheduler_decay_lr: float = 1e-5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate_hyperparameters()
+
+    def validate_hyperparameters(self) -> None:
+        """Fail fast, with the fix in the message, on values that would break training or sampling."""
+        if self.objective not in OBJECTIVES:
+            raise _choice_error("objective", self.objective, OBJECTIVES)
+        if self.backbone not in BACKBONES:
+            raise _choice_error("backbone", self.backbone, BACKBONES)
+        if self.n_obs_steps != 1:
+            raise ValueError(f"n_obs_steps={self.n_obs_steps}: the ript policy uses one observation frame; set 1.")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size={self.chunk_size} must be >= 1.")
+        if not 1 <= self.n_action_steps <= self.chunk_size:
+            raise ValueError(
+                f"n_action_steps={self.n_action_steps} must be in [1, chunk_size={self.chunk_size}]."
+            )
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={self.num_inference_steps} must be >= 1.")
+        if self.target_state_dim is not None and self.target_state_dim < 1:
+            raise ValueError(
+                f"target_state_dim={self.target_state_dim} must be >= 1, or None to keep the dataset's state size."
+            )
+        if self.guidance_scale < 0:
+            raise ValueError(
+                f"guidance_scale={self.guidance_scale} must be >= 0 (1 = conditional policy, >1 = stronger guidance)."
+            )
+        if not 0.0 <= self.cfg_dropout_prob <= 1.0:
+            raise ValueError(f"cfg_dropout_prob={self.cfg_dropout_prob} must be a probability in [0, 1].")
+        if self.cfg_alpha < 0:
+            raise ValueError(f"cfg_alpha={self.cfg_alpha} must be >= 0.")
+        for name in ("hidden_dim", "cond_dim", "image_channels"):
+            if getattr(self, name) < 8:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 8.")
+        if self.num_denoiser_layers < 1:
+            raise ValueError(f"num_denoiser_layers={self.num_denoiser_layers} must be >= 1.")
+
+    def validate_features(self) -> None:
+        if ACTION not in self.output_features:
+            raise ValueError(
+                f"The ript policy needs an '{ACTION}' output feature, but the dataset has only "
+                f"{sorted(self.output_features)}. Use a LeRobotDataset with an '{ACTION}' column."
+            )
+        has_input = self.robot_state_feature is not None or self.env_state_feature is not None
+        if not has_input and not self.image_features:
+            raise ValueError(
+                "The ript policy needs an 'observation.state', 'observation.environment_state' or "
+                f"'observation.images.*' input; got {sorted(self.input_features)}."
+            )
+
+    @property
+    def state_dim(self) -> int:
+        """Size of the state vector the model sees (after the state-dimension adapter)."""
+        feat = self.robot_state_feature
+        if feat is None:
+            return 0
+        return int(self.target_state_dim) if self.target_state_dim is not None else int(feat.shape[0])
+
+    @property
+    def action_dim(self) -> int:
+        return int(self.action_feature.shape[0])
+
+    def get_optimizer_preset(self) -> AdamWConfig:
+        return AdamWConfig(
+            lr=self.optimizer_lr,
+            betas=self.optimizer_betas,
+            eps=self.optimizer_eps,
+            weight_decay=self.optimizer_weight_decay,
+            grad_clip_norm=self.optimizer_grad_clip_norm,
+        )
+
+    def get_scheduler_preset(self) -> CosineDecayWithWarmupSchedulerConfig:
+        return CosineDecayWithWarmupSchedulerConfig(
+            peak_lr=self.optimizer_lr,
+            decay_lr=self.scheduler_decay_lr,
+            num_warmup_steps=self.scheduler_warmup_steps,
+            num_decay_steps=self.scheduler_decay_steps,
+        )
+
+    @property
+    def observation_delta_indices(self) -> None:
+        return None
+
+    @property
+    def action_delta_indices(self) -> list[int]:
+        return list(range(self.chunk_size))
+
+    @property
+    def reward_delta_indices(self) -> None:
+        return None

@@ -1,0 +1,265 @@
+"""The `ript` policy: advantage-conditioned flow matching with classifier-free guidance.
+
+Training (objective "cfg"): every frame carries an optimality label from the sign of its `advantages`
+(good / bad / null; no key: good), dropped to null with `cfg_dropout_prob`; the denoiser is conditioned on
+label and flow time in every layer. Sampling: v = v_null + w (v_good - v_null), both branches in one batched
+pass of 2B rows with the observation encoded once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from lerobot.policies.common.flow_matching import euler_integrate, sample_noise, sample_time_beta
+from lerobot.policies.pretrained import PreTrainedPolicy
+from lerobot.utils.constants import ACTION, OBS_IMAGES
+from torch import Tensor, nn
+
+from lerobot_ript.advantages import LABEL_BAD, LABEL_GOOD, LABEL_NULL
+from lerobot_ript.policy.backbones import make_backbone
+from lerobot_ript.policy.configuration_ript import RiptConfig
+
+ADVANTAGES_KEY = "advantages"
+ADVANTAGE_WEIGHTS_KEY = "advantage_weights"
+INIT_HASH_KEY = "init_hash"
+
+
+def labels_from_advantages(batch: dict[str, Tensor], batch_size: int, device: torch.device) -> Tensor:
+    """Optimality labels (B,) from the SIGN of `batch["advantages"]`; every frame is good without the key."""
+    if ADVANTAGES_KEY not in batch:
+        return torch.full((batch_size,), LABEL_GOOD, dtype=torch.long, device=device)
+    adv = torch.as_tensor(batch[ADVANTAGES_KEY], device=device).reshape(batch_size, -1)[:, 0]  # (B,)
+    bad = ~torch.isfinite(adv)
+    if bad.any():
+        raise ValueError(
+            f"batch key '{ADVANTAGES_KEY}' has {int(bad.sum())} non-finite values (NaN/inf) out of {batch_size}. "
+            "Run the advantages through lerobot_ript.advantages.AdvantageProcessor or fix the dataset column."
+        )
+    labels = torch.full((batch_size,), LABEL_NULL, dtype=torch.long, device=device)
+    labels[adv > 0] = LABEL_GOOD
+    labels[adv < 0] = LABEL_BAD
+    return labels
+
+
+def sample_weights(batch: dict[str, Tensor], batch_size: int, device: torch.device) -> Tensor:
+    """Non-negative per-sample weights (B,) for the "weighted" objective."""
+    key = ADVANTAGE_WEIGHTS_KEY if ADVANTAGE_WEIGHTS_KEY in batch else ADVANTAGES_KEY
+    if key not in batch:
+        return torch.ones(batch_size, device=device)
+    w = torch.as_tensor(batch[key], device=device, dtype=torch.float32).reshape(batch_size, -1)[:, 0]
+    if not torch.isfinite(w).all():
+        raise ValueError(f"batch key '{key}' has non-finite values; process advantages before training.")
+    if (w < 0).any():
+        raise ValueError(
+            f"The 'weighted' objective needs non-negative weights but '{key}' has {int((w < 0).sum())} negative "
+            "values. Pass them through AdvantageProcessor with negative_handling=softplus|abs|clamp."
+        )
+    return w
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal embedding of the flow time t in [0, 1] followed by an MLP: (B,) -> (B, dim)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        angles = t.float()[:, None] * 1000.0 * freqs[None]
+        emb = torch.cat([angles.sin(), angles.cos()], dim=-1)
+        if emb.shape[-1] < self.dim:
+            emb = F.pad(emb, (0, self.dim - emb.shape[-1]))
+        return self.mlp(emb)
+
+
+class RiptPolicy(PreTrainedPolicy):
+    """Flow-matching policy conditioned on an optimality label, sampled with classifier-free guidance."""
+
+    config_class = RiptConfig
+    name = "ript"
+
+    def __init__(self, config: RiptConfig, **kwargs) -> None:
+        super().__init__(config)
+        config.validate_features()
+        config.validate_hyperparameters()
+        self.config = config
+        self.backbone = make_backbone(config)
+        self.time_embedding = TimeEmbedding(config.cond_dim)
+        self.label_embedding = nn.Embedding(3, config.cond_dim)
+        self.reset()
+
+    # ----- LeRobot policy API -----
+    def get_optim_params(self) -> dict:
+        return self.parameters()
+
+    def reset(self) -> None:
+        self._action_queue: deque[Tensor] = deque(maxlen=self.config.n_action_steps)
+
+    def forward(self, batch: dict[str, Tensor], reduction: str = "mean") -> tuple[Tensor, dict]:
+        """Flow-matching loss of the configured objective. reduction="none" gives the per-sample loss (B,)."""
+        actions = batch[ACTION]
+        if actions.dim() == 2:
+            actions = actions.unsqueeze(1)  # (B, 1, A)
+        b, device = actions.shape[0], actions.device
+        if actions.shape[1] != self.config.chunk_size:
+            raise ValueError(
+                f"'{ACTION}' has a chunk of {actions.shape[1]} steps, the policy expects chunk_size="
+                f"{self.config.chunk_size}. Load the dataset with the policy's action_delta_indices."
+            )
+        pad = batch.get(f"{ACTION}_is_pad")
+        valid = torch.ones(actions.shape[:2], device=device) if pad is None else (~pad.bool()).float()
+        labels = labels_from_advantages(batch, b, device)
+        context = self.backbone.encode_observation(self._images_to_float(batch))
+        noise = sample_noise(actions.shape, device)
+        t = self._sample_time(b, device)
+        x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
+        target = noise - actions  # (B, T, A)
+
+        objective = self.config.objective
+        metrics: dict[str, float] = {
+            "share_good": float((labels == LABEL_GOOD).float().mean()),
+            "share_bad": float((labels == LABEL_BAD).float().mean()),
+        }
+        if objective == "cfgrl":
+            ctx2 = self.backbone.repeat_context(context, 2)
+            labels2 = torch.cat([torch.full_like(labels, LABEL_GOOD), torch.full_like(labels, LABEL_NULL)])
+            v2 = self._velocity(ctx2, torch.cat([x_t, x_t]), torch.cat([t, t]), labels2)
+            loss_good, loss_null = self._masked_mse(v2, torch.cat([target, target]), valid.repeat(2, 1)).chunk(2)
+            per_sample = (labels == LABEL_GOOD).float() * loss_good + self.config.cfg_alpha * loss_null
+            metrics["loss_null"] = float(loss_null.mean())
+        else:
+            if objective == "weighted":
+                weights = sample_weights(batch, b, device)
+                labels = torch.full_like(labels, LABEL_GOOD)
+            elif self.training and self.config.cfg_dropout_prob > 0:
+                drop = torch.rand(b, device=device) < self.config.cfg_dropout_prob
+                labels = torch.where(drop, torch.full_like(labels, LABEL_NULL), labels)
+            per_sample = self._masked_mse(self._velocity(context, x_t, t, labels), target, valid)
+            if objective == "weighted":
+                per_sample = per_sample * weights
+                metrics["mean_weight"] = float(weights.mean())
+        if reduction == "none":
+            return per_sample, metrics
+        loss = per_sample.mean()
+        metrics["loss"] = float(loss.detach())
+        return loss, metrics
+
+    @torch.no_grad()
+    def predict_action_chunk(
+        self,
+        batch: dict[str, Tensor],
+        noise: Tensor | None = None,
+        guidance_scale: float | None = None,
+        batched_guidance: bool = True,
+    ) -> Tensor:
+        """Sample a normalised action chunk (B, chunk_size, action_dim) with guidance scale w.
+
+        w = 1 runs one conditional pass per Euler step. w != 1 runs the good and null branches in ONE
+        batched pass of 2B rows sharing the observation encoding (or two passes if batched_guidance=False,
+        kept for tests and benchmarks). The input batch is never mutated.
+        """
+        w = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
+        if w < 0:
+            raise ValueError(f"guidance_scale={w} must be >= 0.")
+        context = self.backbone.encode_observation(self._images_to_float(batch))
+        b = _batch_size(context)
+        device = next(self.parameters()).device
+        shape = (b, self.config.chunk_size, self.config.action_dim)
+        x1 = sample_noise(shape, device) if noise is None else noise.to(device)
+        good = torch.full((b,), LABEL_GOOD, dtype=torch.long, device=device)
+        if w == 1.0:
+            fn = lambda x, t: self._velocity(context, x, t, good)  # noqa: E731
+        elif batched_guidance:
+            ctx2 = self.backbone.repeat_context(context, 2)
+            fn = lambda x, t: self._guided_velocity(ctx2, x, t, w)  # noqa: E731
+        else:
+            null = torch.full_like(good, LABEL_NULL)
+
+            def fn(x: Tensor, t: Tensor) -> Tensor:
+                v_good = self._velocity(context, x, t, good)
+                v_null = self._velocity(context, x, t, null)
+                return v_null + w * (v_good - v_null)
+
+        return euler_integrate(fn, x1, self.config.num_inference_steps)
+
+    @torch.no_grad()
+    def select_action(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
+        """One action (B, action_dim) from a queue refilled with `n_action_steps` of a fresh chunk."""
+        self.eval()
+        if len(self._action_queue) == 0:
+            chunk = self.predict_action_chunk(batch, noise=noise)[:, : self.config.n_action_steps]
+            self._action_queue.extend(chunk.transpose(0, 1))
+        return self._action_queue.popleft()
+
+    # ----- conditioning and guidance -----
+    def condition(self, t: Tensor, labels: Tensor) -> Tensor:
+        """Time + label conditioning (B, cond_dim) fed to every denoiser layer."""
+        return self.time_embedding(t) + self.label_embedding(labels)
+
+    def _velocity(self, context, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
+        return self.backbone.denoise(context, x, self.condition(t, labels))
+
+    def branch_velocities(self, ctx2, x_good: Tensor, x_null: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(v_good, v_null) from one batched pass of 2B rows; ctx2 = repeat_context(context, 2)."""
+        b = x_good.shape[0]
+        x2 = torch.cat([x_good, x_null])  # (2B, T, A), new storage
+        if self.config.enable_cfg_safe_copy:
+            _check_no_shared_storage(x2[:b], x_null)
+            _check_no_shared_storage(x2[b:], x_good)
+        labels2 = torch.cat(
+            [torch.full((b,), LABEL_GOOD, device=x2.device), torch.full((b,), LABEL_NULL, device=x2.device)]
+        ).long()
+        v2 = self._velocity(ctx2, x2, torch.cat([t, t]), labels2)
+        return v2[:b], v2[b:]
+
+    def _guided_velocity(self, ctx2, x: Tensor, t: Tensor, w: float) -> Tensor:
+        v_good, v_null = self.branch_velocities(ctx2, x, x, t)
+        return v_null + w * (v_good - v_null)
+
+    # ----- helpers -----
+    def _sample_time(self, b: int, device: torch.device) -> Tensor:
+        c = self.config
+        return sample_time_beta(
+            b,
+            device,
+            alpha=c.time_sampling_beta_alpha,
+            beta=c.time_sampling_beta_beta,
+            scale=c.time_sampling_scale,
+            offset=c.time_sampling_offset,
+        )
+
+    @staticmethod
+    def _masked_mse(v: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+        """Per-sample MSE (B,) over valid (non-padded) chunk steps and all action dims."""
+        err = ((v.float() - target.float()) ** 2).mean(dim=-1)  # (B, T)
+        return (err * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
+
+    def _images_to_float(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A shallow view of the batch where uint8 camera images become float in [0, 1] (no copy otherwise)."""
+        if not any(k.startswith(OBS_IMAGES) and v.dtype == torch.uint8 for k, v in _tensors(batch)):
+            return batch
+        out = dict(batch)
+        for k, v in _tensors(batch):
+            if k.startswith(OBS_IMAGES) and v.dtype == torch.uint8:
+                out[k] = v.float() / 255.0
+        return out
+
+
+def _tensors(batch: dict) -> list[tuple[str, Tensor]]:
+    return [(k, v) for k, v in batch.items() if isinstance(v, Tensor)]
+
+
+def _batch_size(context) -> int:
+    first = context[0] if isinstance(context, tuple | list) else context
+    return int(first.shape[0])
+
+
+def _check_no_shared_storage(a: Tensor, b: Tensor) -> None:
+    if a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr():
+        raise RuntimeError("The guided and unguided branches share storage; refusing to sample.")

@@ -1,0 +1,108 @@
+"""Processors of the `ript` policy: LeRobot's default pipeline, a state-dimension adapter step, and a batch
+converter that carries the RIPT keys (`advantages`, `advantage_weights`, `init_hash`) past the pipeline.
+
+LeRobot's `batch_to_transition` drops batch keys it does not know. The pipelines built here use
+`ript_batch_to_transition`, which keeps the RIPT keys as complementary data, so they reach
+`RiptPolicy.forward` under `lerobot-train` too. A converter is not serialised with a pipeline: after
+`PolicyProcessorPipeline.from_pretrained`, call `attach_ript_converter(preprocessor)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from lerobot.configs import FeatureType, PipelineFeatureType, PolicyFeature
+from lerobot.processor import (
+    ObservationProcessorStep,
+    PolicyAction,
+    PolicyProcessorPipeline,
+    ProcessorStepRegistry,
+    TransitionKey,
+)
+from lerobot.processor.converters import batch_to_transition
+from lerobot.processor.factory import make_default_policy_processor_steps, make_policy_processor_pipelines
+
+from lerobot.utils.constants import OBS_STATE
+
+from lerobot_ript.policy.configuration_ript import RiptConfig
+
+RIPT_EXTRA_KEYS = ("advantages", "advantage_weights", "init_hash")
+
+
+def ript_batch_to_transition(batch: dict[str, Any]) -> dict:
+    """`batch_to_transition`, keeping the RIPT keys as complementary data (so they survive the pipeline)."""
+    transition = batch_to_transition(batch)
+    extras = {k: batch[k] for k in RIPT_EXTRA_KEYS if k in batch}
+    if extras:
+        comp = dict(transition.get(TransitionKey.COMPLEMENTARY_DATA) or {})
+        comp.update(extras)
+        transition[TransitionKey.COMPLEMENTARY_DATA] = comp
+    return transition
+
+
+def attach_ript_converter(preprocessor: PolicyProcessorPipeline) -> PolicyProcessorPipeline:
+    """Make a (reloaded) preprocessor keep the RIPT keys. Returns the same pipeline."""
+    preprocessor.to_transition = ript_batch_to_transition
+    return preprocessor
+
+
+def pad_or_truncate(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Zero-pad or truncate the last dimension of `x` (..., S) to `dim`."""
+    size = x.shape[-1]
+    if size == dim:
+        return x
+    if size > dim:
+        return x[..., :dim]
+    return F.pad(x, (0, dim - size))
+
+
+@ProcessorStepRegistry.register(name="ript_state_dim_adapter")
+@dataclass
+class StateDimAdapterStep(ObservationProcessorStep):
+    """Zero-pads or truncates `observation.state` to `target_state_dim`, per sample (S,) or per batch
+    (B, S) / (B, T, S). `target_state_dim=None` turns the step off."""
+
+    target_state_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.target_state_dim is not None and self.target_state_dim < 1:
+            raise ValueError(f"target_state_dim={self.target_state_dim} must be >= 1 (or None to turn it off).")
+
+    def observation(self, observation: dict) -> dict:
+        if self.target_state_dim is None or OBS_STATE not in observation:
+            return observation
+        observation[OBS_STATE] = pad_or_truncate(torch.as_tensor(observation[OBS_STATE]), self.target_state_dim)
+        return observation
+
+    def get_config(self) -> dict[str, Any]:
+        return {"target_state_dim": self.target_state_dim}
+
+    def transform_features(
+        self, features: dict[PipelineFeatureType, dict[str, PolicyFeature]]
+    ) -> dict[PipelineFeatureType, dict[str, PolicyFeature]]:
+        obs = features.get(PipelineFeatureType.OBSERVATION, {})
+        if self.target_state_dim is not None and OBS_STATE in obs:
+            obs[OBS_STATE] = PolicyFeature(type=FeatureType.STATE, shape=(self.target_state_dim,))
+        return features
+
+
+def make_ript_pre_post_processors(
+    config: RiptConfig,
+    dataset_stats: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> tuple[PolicyProcessorPipeline[dict[str, Any], dict[str, Any]], PolicyProcessorPipeline[PolicyAction, PolicyAction]]:
+    """Rename -> batch -> device -> normalise -> state adapter; unnormalise -> cpu."""
+    s = make_default_policy_processor_steps(config, dataset_stats, normalizer_device=config.device)
+    pre, post = make_policy_processor_pipelines(
+        input_steps=[
+            s.rename_observations,
+            s.add_batch_dim,
+            s.to_device,
+            s.normalize,
+            StateDimAdapterStep(target_state_dim=config.target_state_dim),
+        ],
+        output_steps=[s.unnormalize, s.to_cpu],
+    )
+    return attach_ript_converter(pre), post

@@ -1,0 +1,1 @@
+"""Grouped rollout collection on LeRobot envs: init_hash, dynamic sampling, skip tracker."""
