@@ -33,10 +33,14 @@ class ImageEncoder(nn.Module):
             nn.Linear(c, hidden_dim),
         )
 
-    def forward(self, images: Tensor) -> Tensor:
+    def resize(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, 3, *image_size); no copy when the size already matches."""
         if images.shape[-2:] != self.image_size:
             images = F.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False)
-        return self.net(images)
+        return images
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(self.resize(images))
 
 
 class AdaLNBlock(nn.Module):
@@ -110,7 +114,8 @@ class SmallBackbone(RiptBackbone):
             env_state = batch["observation.environment_state"].clamp(-self.state_clip, self.state_clip)
             feats.append(self.env_state_proj(env_state))
         if self.image_keys:
-            images = torch.stack([batch[k] for k in self.image_keys], dim=1)  # (B, n_cam, 3, H, W)
+            # Resize per camera first: cameras may differ in size, so they cannot be stacked before.
+            images = torch.stack([self.image_encoder.resize(batch[k]) for k in self.image_keys], dim=1)
             b, n = images.shape[:2]
             enc = self.image_encoder(images.flatten(0, 1)).view(b, n, -1) + self.camera_embedding
             feats.append(enc.flatten(1))

@@ -1,0 +1,1 @@
+"""Datasets of lerobot_ript: the episode writer, demo recording and the training dataset."""

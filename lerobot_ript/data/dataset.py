@@ -1,0 +1,233 @@
+"""`RiptDataset`: demonstration and rollout frames with action chunks, and an episode-balanced sampler.
+
+Frames come from LeRobotDatasets (demos, rollouts written by `write_episodes`, or any dataset that already
+has an `advantages` column) or straight from in-memory `EpisodeRecord`s. State and action columns are held
+in memory, so a training batch is built by index arithmetic (the action chunk of frame i is
+actions[i : i + chunk_size] inside its episode, edge-padded, with an `action_is_pad` mask); camera frames are
+read from the source LeRobotDataset on demand.
+
+Every frame carries `advantages` (the raw signal whose sign is the optimality label: demos are +1) and
+`advantage_weights` (non-negative weights for the "weighted" objective: demos are 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lerobot_ript.data.writer import EpisodeRecord
+
+CATEGORIES = ("good", "bad", "neutral", "demo")
+
+
+@dataclass(frozen=True)
+class EpisodeShares:
+    """Share of each training batch drawn from each kind of episode (renormalised over the kinds present)."""
+
+    # Rollouts with a positive advantage (labelled good).
+    good: float = 0.375
+    # Rollouts with a negative advantage (labelled bad).
+    bad: float = 0.375
+    # Rollouts with a zero advantage (null label; only without dynamic sampling).
+    neutral: float = 0.0
+    # Demonstration frames (labelled good).
+    demo: float = 0.25
+
+    def __post_init__(self) -> None:
+        for name in CATEGORIES:
+            if getattr(self, name) < 0:
+                raise ValueError(f"share {name}={getattr(self, name)} must be >= 0.")
+
+
+@dataclass
+class _Source:
+    dataset: object  # a LeRobotDataset holding the camera frames
+    offset: int  # its frame 0 is our frame `offset`
+
+
+class RiptDataset(torch.utils.data.Dataset):
+    """Frames of several episodes, each tagged demo / good / bad / neutral. See the module docstring."""
+
+    def __init__(self, chunk_size: int, target_state_dim: int | None = None) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
+        self.chunk_size, self.target_state_dim = chunk_size, target_state_dim
+        self._states: list[np.ndarray] = []
+        self._actions: list[np.ndarray] = []
+        self._adv: list[float] = []  # per episode
+        self._weight: list[float] = []  # per episode
+        self._hash: list[int] = []  # per episode
+        self._category: list[str] = []  # per episode
+        self._sources: list[tuple[_Source, int]] = []  # per episode: (source, first frame in source)
+        self._built = False
+
+    # ----- adding data -----
+    def add_episodes(self, episodes: list[EpisodeRecord], weights: list[float] | None = None) -> None:
+        """Add rollout episodes (with `advantage` set) or demos (advantage None -> labelled good)."""
+        for i, ep in enumerate(episodes):
+            if ep.advantage is not None and not np.isfinite(ep.advantage):
+                raise ValueError(f"episode {i} has a non-finite advantage {ep.advantage}.")
+            demo = ep.advantage is None
+            adv = 1.0 if demo else float(ep.advantage)
+            w = 1.0 if weights is None else float(weights[i])
+            self._add(ep.states, ep.actions, adv, w, ep.init_hash, "demo" if demo else _category(adv), None)
+
+    def add_lerobot_dataset(self, dataset, *, as_demo: bool | None = None) -> None:
+        """Add every episode of a LeRobotDataset. With an `advantages` column, its frames are rollouts
+        (per-frame values, first frame of each episode used for the episode's kind); without, demos."""
+        hf = dataset.hf_dataset.with_format("numpy")
+        ep_index = np.asarray(hf["episode_index"]).reshape(-1)
+        states = _column(hf, "observation.state", len(ep_index))
+        actions = np.asarray(hf["action"], dtype=np.float32).reshape(len(ep_index), -1)
+        has_adv = "advantages" in hf.column_names and not as_demo
+        adv = np.asarray(hf["advantages"], np.float32).reshape(-1) if has_adv else None
+        if adv is not None and not np.isfinite(adv).all():
+            raise ValueError(
+                f"dataset {dataset.repo_id}: column 'advantages' has {int((~np.isfinite(adv)).sum())} non-finite "
+                "values. Clean the column (AdvantageProcessor) before training."
+            )
+        hashes = np.asarray(hf["init_hash"]).reshape(-1) if "init_hash" in hf.column_names else None
+        weights = np.asarray(hf["advantage_weights"]).reshape(-1) if "advantage_weights" in hf.column_names else None
+        source = _Source(dataset=dataset, offset=0) if dataset.meta.camera_keys else None
+        bounds = np.flatnonzero(np.diff(ep_index)) + 1
+        for start, end in zip(np.r_[0, bounds], np.r_[bounds, len(ep_index)], strict=True):
+            a = 1.0 if adv is None else float(adv[start])
+            w = float(weights[start]) if weights is not None else (1.0 if adv is None else max(a, 0.0))
+            h = int(hashes[start]) if hashes is not None else -1
+            cat = "demo" if adv is None else _category(a)
+            self._add(states[start:end], actions[start:end], a, w, h, cat, (source, int(start)) if source else None)
+
+    def _add(self, states, actions, adv, weight, init_hash, category, source) -> None:
+        states = np.asarray(states, np.float32)
+        actions = np.asarray(actions, np.float32)
+        if len(states) != len(actions) or len(states) == 0:
+            raise ValueError(f"an episode has {len(states)} states and {len(actions)} actions; need equal, > 0.")
+        if self.target_state_dim is not None:
+            states = _pad_or_truncate(states, self.target_state_dim)
+        self._states.append(states)
+        self._actions.append(actions)
+        self._adv.append(adv)
+        self._weight.append(weight)
+        self._hash.append(init_hash)
+        self._category.append(category)
+        self._sources.append(source)
+        self._built = False
+
+    # ----- indexing -----
+    def _build(self) -> None:
+        if self._built:
+            return
+        if not self._states:
+            raise ValueError("RiptDataset is empty: add demos or rollouts first.")
+        dims = {s.shape[1] for s in self._states}
+        if len(dims) > 1:
+            raise ValueError(f"episodes have state sizes {sorted(dims)}; set target_state_dim to mix robots.")
+        lengths = np.array([len(s) for s in self._states])
+        self.ep_start = np.r_[0, np.cumsum(lengths)[:-1]]
+        self.ep_end = self.ep_start + lengths
+        self.states = torch.from_numpy(np.concatenate(self._states))  # (N, S)
+        self.actions = torch.from_numpy(np.concatenate(self._actions))  # (N, A)
+        self.frame_episode = torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths))  # (N,)
+        self.episode_adv = torch.tensor(self._adv, dtype=torch.float32)
+        self.episode_weight = torch.tensor(self._weight, dtype=torch.float32)
+        self.episode_hash = torch.tensor(self._hash, dtype=torch.int64)
+        self._built = True
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self._states)
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self._states)
+
+    def episodes_of(self, category: str) -> np.ndarray:
+        return np.array([i for i, c in enumerate(self._category) if c == category], dtype=np.int64)
+
+    def get_batch(self, indices: Tensor) -> dict[str, Tensor]:
+        """Collated batch for frame indices (B,): state (B, S), action (B, chunk, A), action_is_pad (B, chunk),
+        advantages (B,), advantage_weights (B,), init_hash (B,), and camera images when the source has them."""
+        self._build()
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        ep = self.frame_episode[indices]  # (B,)
+        end = torch.from_numpy(self.ep_end)[ep]  # (B,)
+        steps = indices[:, None] + torch.arange(self.chunk_size)[None]  # (B, chunk)
+        pad = steps >= end[:, None]
+        steps = torch.minimum(steps, end[:, None] - 1)
+        batch = {
+            "observation.state": self.states[indices],
+            "action": self.actions[steps],
+            "action_is_pad": pad,
+            "advantages": self.episode_adv[ep],
+            "advantage_weights": self.episode_weight[ep],
+            "init_hash": self.episode_hash[ep],
+        }
+        batch.update(self._images(indices, ep))
+        return batch
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {k: v[0] for k, v in self.get_batch(torch.tensor([index])).items()}
+
+    def _images(self, indices: Tensor, ep: Tensor) -> dict[str, Tensor]:
+        if not any(self._sources):
+            return {}
+        frames = []
+        for i, e in zip(indices.tolist(), ep.tolist(), strict=True):
+            src = self._sources[e]
+            if src is None:
+                raise ValueError("mixing episodes with and without camera frames is not supported.")
+            source, first = src
+            item = source.dataset[first + i - int(self.ep_start[e])]
+            frames.append({k: item[k] for k in source.dataset.meta.camera_keys})
+        return {k: torch.stack([f[k] for f in frames]) for k in frames[0]}
+
+
+class EpisodeBalancedSampler:
+    """Draws frame indices: a kind by `shares`, then an episode of that kind uniformly, then a frame of it
+    uniformly. Failed rollouts run to the horizon while successes stop early, so uniform frame sampling
+    would make most frames "bad"; this keeps the good / bad / demo shares at their configured values."""
+
+    def __init__(self, dataset: RiptDataset, shares: EpisodeShares, generator: torch.Generator | None = None):
+        dataset._build()
+        self.dataset, self.generator = dataset, generator
+        self.kinds = [c for c in CATEGORIES if getattr(shares, c) > 0 and len(dataset.episodes_of(c))]
+        if not self.kinds:
+            raise ValueError(
+                f"no episodes of any kind with a positive share ({shares}); present kinds: "
+                f"{sorted(set(dataset._category))}."
+            )
+        probs = torch.tensor([getattr(shares, c) for c in self.kinds], dtype=torch.float64)
+        self.probs = probs / probs.sum()
+        self.episodes = [torch.from_numpy(dataset.episodes_of(c)) for c in self.kinds]
+
+    def sample(self, batch_size: int) -> Tensor:
+        g = self.generator
+        kind = torch.multinomial(self.probs, batch_size, replacement=True, generator=g)  # (B,)
+        out = torch.empty(batch_size, dtype=torch.long)
+        for k, eps in enumerate(self.episodes):
+            sel = (kind == k).nonzero().flatten()
+            if len(sel) == 0:
+                continue
+            ep = eps[torch.randint(len(eps), (len(sel),), generator=g)]
+            start = torch.from_numpy(self.dataset.ep_start)[ep]
+            length = torch.from_numpy(self.dataset.ep_end)[ep] - start
+            out[sel] = start + (torch.rand(len(sel), generator=g, dtype=torch.float64) * length).long()
+        return out
+
+
+def _category(adv: float) -> str:
+    return "good" if adv > 0 else "bad" if adv < 0 else "neutral"
+
+
+def _column(hf, key: str, n: int) -> np.ndarray:
+    if key not in hf.column_names:
+        return np.zeros((n, 0), np.float32)
+    return np.asarray(hf[key], dtype=np.float32).reshape(n, -1)
+
+
+def _pad_or_truncate(x: np.ndarray, dim: int) -> np.ndarray:
+    if x.shape[1] >= dim:
+        return x[:, :dim]
+    return np.pad(x, ((0, 0), (0, dim - x.shape[1])))

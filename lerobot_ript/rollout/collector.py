@@ -1,0 +1,308 @@
+"""Grouped rollout collection with the RIPT-VLA sampling rules.
+
+K = `group_size` rollouts start from the same initial state (one gymnasium vector env of K sub-envs per group
+slot, reset with K equal seeds); every slot steps in lockstep with ONE batched policy call per action chunk.
+Groups whose K rewards are all equal carry no RLOO signal and are dropped (dynamic sampling); more groups are
+sampled until `goal_rollouts` rollouts with signal are kept or `max_groups` groups were tried. A state solved
+by every rollout `skip_threshold` times in a row is skipped (SkipTracker). An env that raises costs its own
+group; its slot is rebuilt and the fault counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from lerobot_ript.advantages import rloo_advantages
+from lerobot_ript.data.writer import EpisodeRecord, init_hash_of
+from lerobot_ript.rollout.sampling import SkipTracker, group_has_signal
+
+logger = logging.getLogger(__name__)
+
+# obs dict of a vector env (numpy, leading dim N) -> action chunk (N, n_steps, action_dim) numpy
+ChunkPolicy = Callable[[dict], np.ndarray]
+
+
+@dataclass
+class CollectionStats:
+    """What one call of `GroupedCollector.collect` did. Rates are in [0, 1]."""
+
+    success_rate: float = 0.0  # over every finished rollout, kept or dropped
+    groups_sampled: int = 0
+    groups_kept: int = 0
+    groups_dropped: int = 0  # all-equal rewards (no signal)
+    groups_faulted: int = 0  # an env raised; the group was discarded and its slot rebuilt
+    skipped_states: int = 0  # initial states skipped by the tracker
+    env_steps: int = 0
+    steps_per_second: float = 0.0
+    wall_time_s: float = 0.0
+    goal_reached: bool = True  # False when max_groups stopped sampling before goal_rollouts
+    rollouts_kept: int = 0
+
+    @property
+    def share_dropped(self) -> float:
+        done = self.groups_kept + self.groups_dropped
+        return self.groups_dropped / done if done else 0.0
+
+    def as_dict(self, prefix: str = "rollout/") -> dict[str, float]:
+        out = {f"{prefix}{k}": float(v) for k, v in self.__dict__.items()}
+        out[f"{prefix}share_dropped"] = self.share_dropped
+        return out
+
+
+@dataclass
+class CollectionResult:
+    """Episodes of the kept groups, with their per-episode RLOO advantage in `EpisodeRecord.advantage`."""
+
+    episodes: list[EpisodeRecord]
+    group_rewards: np.ndarray  # (num_kept_groups, K)
+    stats: CollectionStats = field(default_factory=CollectionStats)
+
+
+class SeedSampler:
+    """Draws initial-state seeds uniformly from [start, start + pool_size) with its own RNG (resumable)."""
+
+    def __init__(self, pool_size: int, start: int = 0, seed: int = 0) -> None:
+        if pool_size < 1:
+            raise ValueError(f"pool_size={pool_size} must be >= 1.")
+        self.pool_size, self.start = pool_size, start
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self) -> int:
+        return self.start + int(self.rng.integers(self.pool_size))
+
+    def state_dict(self) -> dict:
+        return {"bit_generator": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["bit_generator"]
+
+
+@dataclass
+class _Slot:
+    env: gym.vector.VectorEnv
+    seed: int = -1
+    init_hash: int = 0
+    obs: dict | None = None
+    done: np.ndarray | None = None  # (K,) bool
+    success: np.ndarray | None = None  # (K,) bool
+    steps: list = field(default_factory=list)  # per step: (states (K,S), actions (K,A), rewards (K,), alive (K,))
+    images: list = field(default_factory=list)
+    faulted: bool = False
+
+
+class GroupedCollector:
+    """Collects groups of K rollouts per initial state; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        make_group_env: Callable[[], gym.vector.VectorEnv],
+        policy: ChunkPolicy,
+        *,
+        task: str,
+        group_size: int,
+        num_slots: int,
+        goal_rollouts: int,
+        max_groups: int,
+        seed_sampler: SeedSampler,
+        skip_tracker: SkipTracker | None = None,
+        dynamic_sampling: bool = True,
+        max_episode_steps: int = 200,
+        record_images: bool = False,
+    ) -> None:
+        if group_size < 2:
+            raise ValueError(f"rloo_batch_size={group_size} must be >= 2: RLOO needs a leave-one-out baseline.")
+        if num_slots < 1 or max_groups < 1 or goal_rollouts < 1:
+            raise ValueError("num_slots, max_groups and goal_rollouts must all be >= 1.")
+        self.make_group_env, self.policy, self.task = make_group_env, policy, task
+        self.k, self.goal, self.max_groups = group_size, goal_rollouts, max_groups
+        self.seed_sampler = seed_sampler
+        self.skip_tracker = skip_tracker or SkipTracker(0)
+        self.dynamic_sampling = dynamic_sampling
+        self.max_episode_steps = max_episode_steps
+        self.record_images = record_images
+        self._seed_hash: dict[int, int] = {}  # seed -> init_hash (initial states are seed-determined)
+        self.slots = [_Slot(env=self._build_env()) for _ in range(num_slots)]
+
+    def _build_env(self) -> gym.vector.VectorEnv:
+        env = self.make_group_env()
+        if env.num_envs != self.k:
+            raise ValueError(f"make_group_env built {env.num_envs} envs; expected rloo_batch_size={self.k}.")
+        return env
+
+    def close(self) -> None:
+        for slot in self.slots:
+            slot.env.close()
+
+    # ----- one call: rounds of parallel groups until the goal or the cap -----
+    def collect(self) -> CollectionResult:
+        stats, kept, rewards_kept = CollectionStats(), [], []
+        successes: list[bool] = []
+        t0 = time.perf_counter()
+        while stats.groups_sampled < self.max_groups:
+            n = min(len(self.slots), self.max_groups - stats.groups_sampled)
+            active = [s for s in self.slots[:n] if self._start_group(s, stats)]
+            self._run_round(active, stats)
+            for slot in active:
+                stats.groups_sampled += 1
+                if slot.faulted:
+                    stats.groups_faulted += 1
+                    continue
+                rewards = slot.success.astype(np.float32)  # (K,) binary task success
+                successes.extend(slot.success.tolist())
+                self.skip_tracker.update(slot.init_hash, bool(slot.success.all()))
+                if self.dynamic_sampling and not group_has_signal(rewards):
+                    stats.groups_dropped += 1
+                    continue
+                stats.groups_kept += 1
+                rewards_kept.append(rewards)
+                kept.append(self._episodes(slot))
+            if not self.dynamic_sampling or sum(len(g) for g in kept) >= self.goal:
+                break
+        stats.rollouts_kept = sum(len(g) for g in kept)
+        stats.goal_reached = not self.dynamic_sampling or stats.rollouts_kept >= self.goal
+        if not stats.goal_reached:
+            logger.warning(
+                "Dynamic sampling stopped at max_groups=%d with %d/%d rollouts with signal.",
+                self.max_groups, stats.rollouts_kept, self.goal,
+            )
+        stats.success_rate = float(np.mean(successes)) if successes else 0.0
+        stats.wall_time_s = time.perf_counter() - t0
+        stats.steps_per_second = stats.env_steps / max(stats.wall_time_s, 1e-9)
+        group_rewards = np.stack(rewards_kept) if rewards_kept else np.zeros((0, self.k), np.float32)
+        episodes = [ep for group in kept for ep in group]
+        if episodes:
+            adv = rloo_advantages(torch.from_numpy(group_rewards)).reshape(-1).tolist()  # (G*K,)
+            for ep, a in zip(episodes, adv, strict=True):
+                ep.advantage = float(a)
+        return CollectionResult(episodes=episodes, group_rewards=group_rewards, stats=stats)
+
+    def _start_group(self, slot: _Slot, stats: CollectionStats) -> bool:
+        """Reset a slot on a fresh (non-skipped) initial state, K equal seeds. False if the env faulted."""
+        for _ in range(100):
+            seed = self.seed_sampler()
+            if not self.skip_tracker.should_skip(self._hash_for_seed(seed)):
+                break
+            stats.skipped_states += 1
+        slot.seed, slot.steps, slot.images, slot.faulted = seed, [], [], False
+        try:
+            obs, _ = slot.env.reset(seed=[seed] * self.k)
+        except Exception as err:  # noqa: BLE001 - any env error costs this group only; counted and logged
+            self._fault(slot, err)
+            return True
+        slot.obs = obs
+        slot.init_hash = init_hash_of(self.task, obs["agent_pos"][0])
+        self._seed_hash[seed] = slot.init_hash
+        slot.done = np.zeros(self.k, dtype=bool)
+        slot.success = np.zeros(self.k, dtype=bool)
+        return True
+
+    def _hash_for_seed(self, seed: int) -> int:
+        """init_hash of a seed seen before (states are seed-determined); -1 for a new seed (never skipped)."""
+        return self._seed_hash.get(seed, -1)
+
+    def _fault(self, slot: _Slot, err: BaseException) -> None:
+        logger.warning("Env fault (%s: %s): dropping its group and rebuilding the env.", type(err).__name__, err)
+        slot.faulted = True
+        try:
+            slot.env.close()
+        except Exception:  # noqa: BLE001 - a broken env may fail to close; it is replaced below
+            logger.debug("closing a faulted env failed", exc_info=True)
+        slot.env = self._build_env()
+
+    def _run_round(self, slots: list[_Slot], stats: CollectionStats) -> None:
+        live = [s for s in slots if not s.faulted]
+        for _ in range(self.max_episode_steps):
+            live = [s for s in live if not s.faulted and not s.done.all()]
+            if not live:
+                return
+            obs = {k: np.concatenate([s.obs[k] for s in live]) for k in live[0].obs if k != "pixels"}
+            if "pixels" in live[0].obs:
+                obs["pixels"] = {
+                    cam: np.concatenate([s.obs["pixels"][cam] for s in live]) for cam in live[0].obs["pixels"]
+                }
+            chunk = self.policy(obs)  # (len(live)*K, n_steps, A)
+            for j in range(chunk.shape[1]):
+                for i, slot in enumerate(live):
+                    if slot.faulted or slot.done.all():
+                        continue
+                    stats.env_steps += self._step_slot(slot, chunk[i * self.k : (i + 1) * self.k, j])
+                if all(s.faulted or s.done.all() for s in live):
+                    break
+        for slot in live:  # horizon reached: the rest are truncated
+            if slot.done is not None:
+                slot.done[:] = True
+
+    def _step_slot(self, slot: _Slot, actions: np.ndarray) -> int:
+        alive = ~slot.done
+        if len(slot.steps) >= self.max_episode_steps:
+            slot.done[:] = True
+            return 0
+        state = slot.obs["agent_pos"].astype(np.float32)
+        try:
+            obs, reward, terminated, truncated, info = slot.env.step(actions.astype(np.float32))
+        except Exception as err:  # noqa: BLE001 - any env error costs this group only; counted and logged
+            self._fault(slot, err)
+            return 0
+        if self.record_images and "pixels" in slot.obs:
+            slot.images.append({c: v.copy() for c, v in slot.obs["pixels"].items()})
+        slot.steps.append((state, actions.astype(np.float32), np.asarray(reward, np.float32), alive.copy()))
+        success = np.asarray(info.get("is_success", info.get("success", np.zeros(self.k))), dtype=bool)
+        slot.success |= success & alive
+        slot.done |= np.asarray(terminated, bool) | np.asarray(truncated, bool)
+        slot.obs = obs
+        return int(alive.sum())
+
+    def _episodes(self, slot: _Slot) -> list[EpisodeRecord]:
+        states = np.stack([s[0] for s in slot.steps], axis=1)  # (K, T, S)
+        actions = np.stack([s[1] for s in slot.steps], axis=1)  # (K, T, A)
+        rewards = np.stack([s[2] for s in slot.steps], axis=1)  # (K, T)
+        alive = np.stack([s[3] for s in slot.steps], axis=1)  # (K, T)
+        episodes = []
+        for k in range(self.k):
+            n = int(alive[k].sum())  # alive steps form a prefix
+            images = None
+            if slot.images:
+                images = {c: np.stack([im[c][k] for im in slot.images[:n]]) for c in slot.images[0]}
+            episodes.append(
+                EpisodeRecord(
+                    task=self.task,
+                    states=states[k, :n],
+                    actions=actions[k, :n],
+                    rewards=rewards[k, :n],
+                    success=bool(slot.success[k]),
+                    init_hash=slot.init_hash,
+                    images=images,
+                )
+            )
+        return episodes
+
+
+def make_chunk_policy(
+    policy, preprocessor, postprocessor, *, guidance_scale: float, n_action_steps: int, num_threads: int = 1
+) -> ChunkPolicy:
+    """Wrap a RiptPolicy and its processors into one batched call: vector-env obs -> (N, n_steps, A) numpy.
+
+    Inference of a small policy on a CPU runs on `num_threads` threads (1 by default: for small matrices,
+    a second thread costs more in synchronisation than it gains, up to 4x on a loaded 2-core machine).
+    """
+    from lerobot.envs.utils import preprocess_observation
+
+    def act(obs: dict) -> np.ndarray:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(num_threads)
+        try:
+            batch = preprocessor(preprocess_observation(obs))
+            with torch.inference_mode():
+                chunk = policy.predict_action_chunk(batch, guidance_scale=guidance_scale)[:, :n_action_steps]
+            return postprocessor(chunk).numpy()
+        finally:
+            torch.set_num_threads(threads)
+
+    return act

@@ -1,0 +1,1 @@
+"""Training: the RL loop, checkpoints and Hub pushes."""

@@ -1,0 +1,106 @@
+"""Checkpoints in LeRobot's layout, written atomically, with the full training state for exact resume.
+
+    <output_dir>/checkpoints/<iteration:06d>/pretrained_model/   config.json, model.safetensors, processors,
+                                                                train_config.json (loadable by LeRobot)
+    <output_dir>/checkpoints/<iteration:06d>/training_state/    Accelerate state (model, optimizer, scheduler,
+                                                                RNG of every rank) + ript_state_<rank>.json
+    <output_dir>/checkpoints/last -> <iteration:06d>
+
+A checkpoint is first written to a hidden temporary directory and renamed into place; `last` is switched by
+an atomic symlink replace. A process killed mid-checkpoint leaves the previous checkpoint and `last` intact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import draccus
+from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
+
+PRETRAINED_DIR = "pretrained_model"
+TRAINING_STATE_DIR = "training_state"
+TRAIN_CONFIG_NAME = "train_config.json"
+# Fault injection for tests: when set to "1", the process dies halfway through writing a checkpoint.
+CRASH_ENV_VAR = "LEROBOT_RIPT_TEST_CRASH_IN_CHECKPOINT"
+
+
+def save_checkpoint(
+    checkpoints_dir: Path,
+    iteration: int,
+    *,
+    accelerator: Accelerator,
+    policy,
+    preprocessor,
+    postprocessor,
+    train_config,
+    ript_state: dict[str, Any],
+) -> Path:
+    """Collective: every rank must call it. Returns the final checkpoint directory."""
+    final = checkpoints_dir / f"{iteration:06d}"
+    tmp = checkpoints_dir / f".tmp-{iteration:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / PRETRAINED_DIR).mkdir(parents=True)
+        unwrapped = accelerator.unwrap_model(policy)
+        unwrapped.save_pretrained(tmp / PRETRAINED_DIR)
+        preprocessor.save_pretrained(tmp / PRETRAINED_DIR)
+        postprocessor.save_pretrained(tmp / PRETRAINED_DIR)
+        save_train_config(train_config, tmp / PRETRAINED_DIR / TRAIN_CONFIG_NAME, accelerator.num_processes)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / TRAINING_STATE_DIR))
+    state_file = tmp / TRAINING_STATE_DIR / f"ript_state_{accelerator.process_index}.json"
+    state_file.write_text(json.dumps(ript_state))
+    if os.environ.get(CRASH_ENV_VAR) == "1":
+        logger.error("%s=1: dying in the middle of a checkpoint (test fault injection).", CRASH_ENV_VAR)
+        os._exit(17)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        update_last_link(checkpoints_dir, final.name)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def update_last_link(checkpoints_dir: Path, target: str) -> None:
+    """Point `last` at `target` atomically (a new symlink renamed over the old one)."""
+    tmp_link = checkpoints_dir / ".last.tmp"
+    if tmp_link.is_symlink() or tmp_link.exists():
+        tmp_link.unlink()
+    tmp_link.symlink_to(target)
+    os.replace(tmp_link, checkpoints_dir / "last")
+
+
+def save_train_config(cfg, path: Path, world_size: int) -> None:
+    """The training config as JSON, with the world size that ran it; secrets never appear in it."""
+    from lerobot_ript.train.hub import redact_secrets
+
+    data = json.loads(json.dumps(draccus.encode(cfg), default=str))
+    data["world_size"] = world_size
+    path.write_text(json.dumps(redact_secrets(data), indent=2))
+
+
+def last_checkpoint(checkpoints_dir: Path) -> Path | None:
+    last = checkpoints_dir / "last"
+    return last.resolve() if last.exists() else None
+
+
+def load_training_state(checkpoint: Path, accelerator: Accelerator) -> dict[str, Any]:
+    """Restore the Accelerate state (model, optimizer, scheduler, RNGs) and return this rank's ript state."""
+    state_dir = checkpoint / TRAINING_STATE_DIR
+    accelerator.load_state(str(state_dir))
+    state_file = state_dir / f"ript_state_{accelerator.process_index}.json"
+    if not state_file.exists():
+        raise FileNotFoundError(
+            f"{state_file} is missing: the checkpoint was written by fewer processes than the "
+            f"{accelerator.num_processes} now running. Resume with the same number of processes."
+        )
+    return json.loads(state_file.read_text())

@@ -1,0 +1,269 @@
+"""The configuration tree of `lerobot_ript.train` (draccus; YAML files in `configs/` are thin overrides).
+
+Where the design notes' names live:
+  experiment_name, output_dir, seed, num_train_steps, checkpoint_path, save_interval, verbose -> top level
+  dataset_id, demo_batch_size -> data.*         action_chunk_size -> policy.chunk_size
+  image_size, target_state_dim, cfg_alpha, enable_cfg_safe_copy, objective -> policy.*
+  rloo_batch_size, rollout_goal_per_step, rollout_skip_threshold, enable_dynamic_sampling -> rollout.*
+  advantage_normalization/_clipping/_clip_value/_negative_handling -> advantage.{normalization, ...}
+  learning_rate, weight_decay, gradient_clip_norm, gradient_accumulation_steps, enable_amp -> optim.*
+  enable_wandb, log_interval -> log.*
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lerobot_ript.advantages import AdvantageProcessor
+from lerobot_ript.envs import MetaWorldStateEnvConfig
+from lerobot_ript.policy.configuration_ript import RiptConfig
+
+
+def _default_policy() -> RiptConfig:
+    return RiptConfig(device="cpu", chunk_size=8, n_action_steps=4, hidden_dim=256, push_to_hub=False)
+
+
+@dataclass
+class RolloutConfig:
+    # Rollouts per initial state K (>= 2): RLOO's leave-one-out baseline needs at least two.
+    rloo_batch_size: int = 8
+    # Groups (initial states) stepped together in one collection round (>= 1); one vector env of K each.
+    groups_per_round: int = 8
+    # Rollouts with signal (from mixed groups) wanted per iteration, summed over all processes (>= 1).
+    rollout_goal_per_step: int = 64
+    # Cap on groups tried per iteration and process, so dynamic sampling never loops forever (>= 1).
+    max_groups_per_step: int = 16
+    # Drop groups whose K rewards are all equal and sample more (RIPT-VLA dynamic sampling).
+    enable_dynamic_sampling: bool = True
+    # Skip an initial state after this many all-success groups in a row (0 disables skipping).
+    rollout_skip_threshold: int = 3
+    # Classifier-free guidance scale w (>= 0) used while collecting rollouts.
+    guidance_scale: float = 1.0
+    # Training initial states are seeds in [0, train_seed_pool) (held-out evaluation uses eval.seed_start+).
+    train_seed_pool: int = 200
+    # Use gymnasium AsyncVectorEnv (processes) instead of SyncVectorEnv; sync is faster on 2 cores.
+    use_async_envs: bool = False
+
+
+@dataclass
+class AdvantageConfig:
+    # Advantage normalisation: standard | robust | none.
+    normalization: str = "none"
+    # Advantage clipping: symmetric | asymmetric | none.
+    clipping: str = "symmetric"
+    # Clip bound (> 0), in normalised advantage units.
+    clip_value: float = 3.0
+    # Negative handling for the "weighted" objective's weights: softplus | abs | clamp | none.
+    negative_handling: str = "clamp"
+
+    def processor(self) -> AdvantageProcessor:
+        return AdvantageProcessor(
+            normalization=self.normalization,
+            clipping=self.clipping,
+            clip_value=self.clip_value,
+            negative_handling=self.negative_handling,
+        )
+
+
+@dataclass
+class DataConfig:
+    # Demonstration LeRobotDataset: repo id (with dataset_root for a local copy). None: record scripted demos.
+    dataset_id: str | None = None
+    # Local root of the demonstration dataset (the Hub is never contacted when it exists).
+    dataset_root: str | None = None
+    # Scripted demos recorded when dataset_id is None (>= 1), and their action noise std (>= 0).
+    num_demos: int = 5
+    # See num_demos.
+    demo_noise: float = 0.3
+    # Training batch size in frames per optimizer step and process, rollouts + demos (>= 1).
+    batch_size: int = 256
+    # Demonstration frames (labelled good) in each batch (0..batch_size).
+    demo_batch_size: int = 64
+    # Share of rollout frames drawn from good / bad / neutral episodes (balanced by episode, renormalised).
+    good_share: float = 0.5
+    # See good_share.
+    bad_share: float = 0.5
+    # See good_share (zero-advantage rollouts exist only without dynamic sampling).
+    neutral_share: float = 0.0
+    # Rollouts of the last N iterations are trained on (>= 1; 1 = on-policy only).
+    replay_iterations: int = 1
+    # Write each iteration's rollouts as a LeRobotDataset under output_dir/rollouts/.
+    save_rollouts: bool = False
+
+
+@dataclass
+class OptimConfig:
+    # AdamW learning rate (> 0).
+    learning_rate: float = 1e-4
+    # AdamW weight decay (>= 0).
+    weight_decay: float = 0.0
+    # Max gradient norm (> 0), applied only when gradients are synchronised.
+    gradient_clip_norm: float = 1.0
+    # Micro-batches accumulated per optimizer step (>= 1).
+    gradient_accumulation_steps: int = 1
+    # Optimizer steps per RIPT iteration (>= 1).
+    update_steps_per_iteration: int = 30
+    # Mixed precision: no | bf16 | fp16 (fp16 needs CUDA; on a CPU it is reported and not used).
+    mixed_precision: str = "no"
+    # Shorthand from the design notes: true = bf16 when mixed_precision is "no".
+    enable_amp: bool = False
+    # Supervised steps on the demos before RIPT when no checkpoint_path is given (>= 0).
+    sft_steps: int = 0
+    # Learning rate of the SFT phase (> 0).
+    sft_learning_rate: float = 3e-4
+
+
+@dataclass
+class EvalConfig:
+    # Evaluate every N iterations (0: only before and after training).
+    eval_interval: int = 5
+    # Held-out episodes per evaluation (>= 1); 200 gives about +-7 points.
+    eval_episodes: int = 50
+    # Guidance scale w (>= 0) at evaluation.
+    guidance_scale: float = 1.0
+    # Held-out initial states are seeds from here on; never used for training.
+    seed_start: int = 1_000_000
+    # Parallel envs during evaluation (>= 1).
+    num_envs: int = 10
+
+
+@dataclass
+class LogConfig:
+    # Log to Weights & Biases through Accelerate's tracker (offline mode works with no network).
+    enable_wandb: bool = False
+    # wandb project name.
+    wandb_project: str = "lerobot-ript"
+    # wandb mode: offline | online | disabled.
+    wandb_mode: str = "offline"
+    # Log every N iterations (>= 1).
+    log_interval: int = 1
+
+
+@dataclass
+class HubConfig:
+    # Push the final policy (with processors and a model card) to the Hub.
+    push_to_hub: bool = False
+    # Hub repo id, e.g. "user/ript-push-v3" (required with push_to_hub).
+    hub_repo_id: str | None = None
+    # Also push the last rollout dataset (as a dataset repo "<hub_repo_id>-rollouts").
+    push_rollout_dataset: bool = False
+    # Create the repo private.
+    private: bool | None = None
+
+
+@dataclass
+class RiptTrainConfig:
+    # Name of the run (used in logs and the model card).
+    experiment_name: str = "ript"
+    # Directory of checkpoints, logs and plots.
+    output_dir: str = "outputs/ript"
+    # Global seed (each process adds its rank).
+    seed: int = 0
+    # RIPT iterations (collect -> advantages -> updates) (>= 0).
+    num_train_steps: int = 10
+    # A `pretrained_model` directory (or Hub id) of a ript policy to post-train. None: SFT from scratch.
+    checkpoint_path: str | None = None
+    # Save a checkpoint every N iterations (>= 1); the last iteration is always saved.
+    save_interval: int = 5
+    # Resume from output_dir/checkpoints/last (optimizer, scheduler, RNGs, counters, skip tracker).
+    resume: bool = False
+    # More log lines (per-phase timings).
+    verbose: bool = False
+    policy: RiptConfig = field(default_factory=_default_policy)
+    env: MetaWorldStateEnvConfig = field(default_factory=MetaWorldStateEnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+
+    def validate(self) -> None:
+        """Every fail-fast check, before any process group starts."""
+        r, d, o = self.rollout, self.data, self.optim
+        _require(r.rloo_batch_size >= 2, "rollout.rloo_batch_size", r.rloo_batch_size,
+                 "must be >= 2: RLOO needs a leave-one-out baseline")
+        for name, value in [
+            ("rollout.groups_per_round", r.groups_per_round), ("rollout.rollout_goal_per_step", r.rollout_goal_per_step),
+            ("rollout.max_groups_per_step", r.max_groups_per_step), ("rollout.train_seed_pool", r.train_seed_pool),
+            ("data.batch_size", d.batch_size), ("data.replay_iterations", d.replay_iterations),
+            ("data.num_demos", d.num_demos), ("optim.gradient_accumulation_steps", o.gradient_accumulation_steps),
+            ("optim.update_steps_per_iteration", o.update_steps_per_iteration), ("save_interval", self.save_interval),
+            ("eval.eval_episodes", self.eval.eval_episodes), ("eval.num_envs", self.eval.num_envs),
+            ("log.log_interval", self.log.log_interval),
+        ]:
+            _require(value >= 1, name, value, "must be >= 1")
+        for name, value in [
+            ("num_train_steps", self.num_train_steps), ("rollout.rollout_skip_threshold", r.rollout_skip_threshold),
+            ("rollout.guidance_scale", r.guidance_scale), ("eval.guidance_scale", self.eval.guidance_scale),
+            ("eval.eval_interval", self.eval.eval_interval), ("data.demo_noise", d.demo_noise),
+            ("data.good_share", d.good_share), ("data.bad_share", d.bad_share), ("data.neutral_share", d.neutral_share),
+            ("optim.weight_decay", o.weight_decay), ("optim.sft_steps", o.sft_steps),
+        ]:
+            _require(value >= 0, name, value, "must be >= 0 (negative rates, counts and scales have no meaning)")
+        for name, value in [("optim.learning_rate", o.learning_rate), ("optim.sft_learning_rate", o.sft_learning_rate),
+                            ("optim.gradient_clip_norm", o.gradient_clip_norm)]:
+            _require(value > 0, name, value, "must be > 0")
+        _require(0 <= d.demo_batch_size <= d.batch_size, "data.demo_batch_size", d.demo_batch_size,
+                 f"must be in [0, data.batch_size={d.batch_size}]")
+        _require(d.good_share + d.bad_share + d.neutral_share > 0 or d.demo_batch_size == d.batch_size,
+                 "data.good_share+bad_share+neutral_share", 0, "must be > 0 when rollout frames are trained on")
+        _check_choice("optim.mixed_precision", o.mixed_precision, ("no", "bf16", "fp16"))
+        _check_choice("log.wandb_mode", self.log.wandb_mode, ("offline", "online", "disabled"))
+        self.advantage.processor()  # validates the advantage choices (did-you-mean on a typo)
+        self.policy.validate_hyperparameters()
+        if self.hub.push_to_hub and not self.hub.hub_repo_id:
+            raise ValueError("hub.push_to_hub=true needs hub.hub_repo_id, e.g. --hub.hub_repo_id=user/ript-push.")
+        if d.dataset_id is None and d.dataset_root is not None:
+            raise ValueError("data.dataset_root is set without data.dataset_id; set both (any id for a local copy).")
+
+    @property
+    def mixed_precision(self) -> str:
+        if self.optim.mixed_precision == "no" and self.optim.enable_amp:
+            return "bf16"
+        return self.optim.mixed_precision
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return Path(self.output_dir) / "checkpoints"
+
+
+def _require(ok: bool, name: str, value, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} {rule}. Fix it in the YAML file or with --{name}=<value>.")
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        close = difflib.get_close_matches(value, valid, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"{name}={value!r} is not one of {list(valid)}.{hint}")
+
+
+def known_keys(cls=RiptTrainConfig, prefix: str = "") -> set[str]:
+    """Every dotted key of the tree, e.g. 'rollout.rloo_batch_size'."""
+    keys = set()
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.add(key)
+        ftype = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(ftype):
+            keys |= known_keys(type(ftype), key + ".")
+    return keys
+
+
+def check_unknown_keys(keys: list[str]) -> None:
+    """Raise a ValueError with a "did you mean" for each dotted key that the tree does not have."""
+    valid = known_keys()
+    problems = []
+    for key in keys:
+        if key in valid or key.startswith("policy.input_features") or key.startswith("policy.output_features"):
+            continue
+        close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+        problems.append(f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    if problems:
+        raise ValueError("; ".join(problems) + ". See `python -m lerobot_ript.train --help` for every key.")

@@ -1,0 +1,404 @@
+"""RIPT post-training on Accelerate: the script only orchestrates the phases.
+
+    setup (demos, policy, processors, optimizer, resume)
+    [SFT on demos]  ->  eval
+    for each iteration:
+        collect groups  ->  RLOO advantages + advantage processor  ->  training batches
+        ->  update steps  ->  log  ->  [eval]  ->  [checkpoint]
+    final eval, checkpoint, plot, [push to the Hub]
+
+Launch: `accelerate launch -m lerobot_ript.train --config_path configs/debug.yaml [--a.b=c ...]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from lerobot_ript.data.dataset import EpisodeBalancedSampler, EpisodeShares, RiptDataset
+from lerobot_ript.data.writer import EpisodeRecord
+from lerobot_ript.rollout.collector import GroupedCollector, SeedSampler, make_chunk_policy
+from lerobot_ript.rollout.evaluate import evaluate, wilson_interval
+from lerobot_ript.rollout.sampling import SkipTracker
+from lerobot_ript.train.checkpoint import last_checkpoint, load_training_state, save_checkpoint
+from lerobot_ript.train.config import RiptTrainConfig
+from lerobot_ript.train.tracking import MetricsWriter, plot_success, reduce_metrics
+from lerobot_ript.train.update import update_step
+
+logger = logging.getLogger(__name__)
+
+# Training-time policy fields taken from the run's config even when the policy comes from a checkpoint.
+RL_POLICY_FIELDS = ("objective", "cfg_dropout_prob", "cfg_alpha", "guidance_scale", "enable_cfg_safe_copy",
+                    "num_inference_steps", "n_action_steps")
+
+
+@dataclass
+class RunState:
+    """Everything besides the Accelerate state needed to resume exactly (saved per rank)."""
+
+    iteration: int = 0
+    sft_done: bool = False
+    episodes_seen: int = 0  # training rollouts, summed over ranks
+    history: list[dict] = field(default_factory=list)  # evaluations
+    skip_tracker: dict = field(default_factory=dict)
+    seed_hash: dict = field(default_factory=dict)
+    replay: list[list[dict]] = field(default_factory=list)  # last iterations' episodes (serialised)
+
+
+@dataclass
+class Run:
+    cfg: RiptTrainConfig
+    accelerator: Accelerator
+    policy: torch.nn.Module
+    preprocessor: object
+    postprocessor: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    demos: list[EpisodeRecord]
+    state: RunState
+    metrics: MetricsWriter
+
+    @property
+    def model(self):
+        return self.accelerator.unwrap_model(self.policy)
+
+
+def build_accelerator(cfg: RiptTrainConfig) -> Accelerator:
+    """Arguments left to None let `accelerate launch` flags apply; a CPU policy forces a CPU run (gloo)."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    mp = cfg.mixed_precision
+    accelerator = Accelerator(
+        cpu=True if cfg.policy.device == "cpu" else None,
+        mixed_precision=None if mp == "no" else mp,
+        gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
+        log_with="wandb" if cfg.log.enable_wandb else None,
+        project_dir=cfg.output_dir,
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    used = accelerator.mixed_precision
+    if accelerator.device.type == "cpu" and used == "fp16":
+        logger.warning("mixed_precision=fp16 has no effect on a CPU: training runs in float32.")
+    logger.info("Accelerate: %d process(es), device %s, mixed precision %s.",
+                accelerator.num_processes, accelerator.device, used)
+    return accelerator
+
+
+# ----------------------------------------------------------------------------------------------------------
+# setup
+# ----------------------------------------------------------------------------------------------------------
+def load_demos(cfg: RiptTrainConfig, accelerator: Accelerator):
+    """The demonstration LeRobotDataset: the configured one, or scripted demos recorded once (main first)."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    if cfg.data.dataset_id is not None:
+        root = cfg.data.dataset_root
+        if root is not None and not Path(root).exists():
+            raise FileNotFoundError(f"data.dataset_root={root} does not exist. Point it at a LeRobotDataset.")
+        return LeRobotDataset(cfg.data.dataset_id, root=root)
+    from lerobot_ript.data.record_demos import record_demos
+
+    root = Path(cfg.output_dir) / "demos"
+    with accelerator.main_process_first():
+        if not (root / "meta" / "info.json").exists() and accelerator.is_main_process:
+            result = record_demos(cfg.env.task, cfg.data.num_demos, cfg.data.demo_noise, root,
+                                  seed=0, episode_length=cfg.env.episode_length)
+            logger.info("Recorded %d scripted demos of %s (noise %.2f): %.0f%% successful.",
+                        result.num_episodes, cfg.env.task, cfg.data.demo_noise, 100 * result.success_rate)
+    return LeRobotDataset(f"local/{cfg.env.task}-demos", root=root)
+
+
+def build_policy(cfg: RiptTrainConfig, demo_ds):
+    from lerobot.policies.factory import get_policy_class, make_policy, make_pre_post_processors
+
+    from lerobot_ript.policy.processor_ript import attach_ript_converter, make_ript_pre_post_processors
+
+    if cfg.checkpoint_path:
+        policy = get_policy_class("ript").from_pretrained(cfg.checkpoint_path)
+        for name in RL_POLICY_FIELDS:
+            setattr(policy.config, name, getattr(cfg.policy, name))
+        policy.config.validate_hyperparameters()
+        pre, post = make_pre_post_processors(policy.config, pretrained_path=cfg.checkpoint_path)
+        return policy, attach_ript_converter(pre), post
+    policy = make_policy(cfg.policy, ds_meta=demo_ds.meta)
+    pre, post = make_ript_pre_post_processors(policy.config, dataset_stats=demo_ds.meta.stats)
+    return policy, pre, post
+
+
+def setup(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
+    set_seed(cfg.seed)  # identical initial parameters on every rank
+    demo_ds = load_demos(cfg, accelerator)
+    policy, pre, post = build_policy(cfg, demo_ds)
+    demo_data = RiptDataset(policy.config.chunk_size, policy.config.target_state_dim)
+    demo_data.add_lerobot_dataset(demo_ds, as_demo=True)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.learning_rate,
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = RunState()
+    if cfg.resume:
+        ckpt = last_checkpoint(cfg.checkpoints_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"resume=true but {cfg.checkpoints_dir}/last does not exist.")
+        state = RunState(**load_training_state(ckpt, accelerator))
+        logger.info("Resumed from %s at iteration %d.", ckpt, state.iteration)
+    if cfg.log.enable_wandb:
+        import os
+
+        os.environ.setdefault("WANDB_MODE", cfg.log.wandb_mode)
+        accelerator.init_trackers(cfg.log.wandb_project, config=_flat_config(cfg),
+                                  init_kwargs={"wandb": {"name": cfg.experiment_name, "dir": str(out)}})
+    run = Run(cfg, accelerator, policy, pre, post, optimizer, scheduler, [], state, MetricsWriter(accelerator, out))
+    run.demo_data = demo_data
+    return run
+
+
+# ----------------------------------------------------------------------------------------------------------
+# phases
+# ----------------------------------------------------------------------------------------------------------
+def seed_iteration(cfg: RiptTrainConfig, rank: int, iteration: int) -> None:
+    """Reseed every RNG from (seed, rank, iteration): a resumed run replays an uninterrupted one exactly."""
+    s = (cfg.seed * 1_000_003 + rank * 10_007 + iteration) % (2**31)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def collect(run: Run, collector: GroupedCollector):
+    model = run.model
+    model.eval()
+    collector.policy = make_chunk_policy(model, run.preprocessor, run.postprocessor,
+                                         guidance_scale=run.cfg.rollout.guidance_scale,
+                                         n_action_steps=model.config.n_action_steps)
+    return collector.collect()
+
+
+def process_advantages(run: Run, episodes: list[EpisodeRecord]) -> tuple[list[float], dict[str, float]]:
+    """Processed (non-negative for the weighted objective) per-episode weights and advantage statistics."""
+    if not episodes:
+        return [], {}
+    raw = torch.tensor([ep.advantage for ep in episodes], dtype=torch.float32)
+    out = run.cfg.advantage.processor()(raw)
+    hist = torch.histc(raw, bins=5, min=-1.0, max=1.0).tolist()
+    stats = {f"advantage/{k}": v for k, v in out.stats.items()}
+    stats.update({f"advantage/hist_{i}": h for i, h in enumerate(hist)})
+    return out.values.tolist(), stats
+
+
+def training_batches(run: Run, rollouts: RiptDataset | None, generator: torch.Generator):
+    """Samplers for one iteration: rollout frames balanced by episode, plus demo frames labelled good."""
+    d = run.cfg.data
+    demo_n = d.demo_batch_size if rollouts is not None else d.batch_size
+    demo_sampler = EpisodeBalancedSampler(run.demo_data, EpisodeShares(good=0, bad=0, neutral=0, demo=1), generator)
+    roll_sampler = None
+    if rollouts is not None and d.batch_size > demo_n:
+        shares = EpisodeShares(good=d.good_share, bad=d.bad_share, neutral=d.neutral_share, demo=0)
+        roll_sampler = EpisodeBalancedSampler(rollouts, shares, generator)
+
+    def next_batch() -> dict[str, torch.Tensor]:
+        parts = []
+        if demo_n:
+            parts.append(run.demo_data.get_batch(demo_sampler.sample(demo_n)))
+        if roll_sampler is not None:
+            parts.append(rollouts.get_batch(roll_sampler.sample(d.batch_size - demo_n)))
+        batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return run.preprocessor(batch)
+
+    return next_batch
+
+
+def updates(run: Run, next_batch, steps: int) -> dict[str, float]:
+    acc = run.accelerator.gradient_accumulation_steps
+    logs = [update_step(run.policy, [next_batch() for _ in range(acc)], run.optimizer, run.scheduler,
+                        run.accelerator, run.cfg.optim.gradient_clip_norm) for _ in range(steps)]
+    return {f"train/{k}": float(np.mean([m[k] for m in logs])) for k in logs[-1]}
+
+
+def run_eval(run: Run, iteration: int) -> dict[str, float]:
+    """Held-out success, episodes split across ranks and gathered; history and plot on the main process."""
+    from lerobot_ript.envs.metaworld import make_vector_env
+
+    cfg, acc = run.cfg, run.accelerator
+    seeds = [cfg.eval.seed_start + i for i in range(cfg.eval.eval_episodes)][acc.process_index :: acc.num_processes]
+    model = run.model
+    model.eval()
+    t0 = time.perf_counter()
+    policy = make_chunk_policy(model, run.preprocessor, run.postprocessor, guidance_scale=cfg.eval.guidance_scale,
+                               n_action_steps=model.config.n_action_steps)
+    result = evaluate(lambda n: make_vector_env(cfg.env, n), policy, seeds,
+                      num_envs=max(1, min(cfg.eval.num_envs, len(seeds))), max_episode_steps=cfg.env.episode_length)
+    counts = torch.tensor([result.successes.sum(), len(result.successes)], dtype=torch.float64, device=acc.device)
+    counts = acc.reduce(counts, reduction="sum") if acc.num_processes > 1 else counts
+    wins, n = int(counts[0]), int(counts[1])
+    lo, hi = wilson_interval(wins, n)
+    entry = {"iteration": iteration, "episodes": run.state.episodes_seen, "success_rate": wins / max(n, 1),
+             "ci_low": lo, "ci_high": hi, "n": n}
+    run.state.history.append(entry)
+    if acc.is_main_process:
+        plot_success(run.state.history, Path(cfg.output_dir) / "success.png", f"{cfg.experiment_name}: {cfg.env.task}")
+    logger.info("eval @ iteration %d: success %.1f%% (95%% CI %.1f-%.1f, %d episodes)",
+                iteration, 100 * entry["success_rate"], 100 * lo, 100 * hi, n)
+    return {"eval/success_rate": entry["success_rate"], "eval/ci_low": lo, "eval/ci_high": hi,
+            "time/eval_s": time.perf_counter() - t0}
+
+
+def checkpoint(run: Run, collector: GroupedCollector) -> Path:
+    run.state.skip_tracker = collector.skip_tracker.state_dict()
+    run.state.seed_hash = {str(k): v for k, v in collector._seed_hash.items()}
+    return save_checkpoint(run.cfg.checkpoints_dir, run.state.iteration, accelerator=run.accelerator,
+                           policy=run.policy, preprocessor=run.preprocessor, postprocessor=run.postprocessor,
+                           train_config=run.cfg, ript_state=dataclasses.asdict(run.state))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------------------
+def make_collector(run: Run) -> GroupedCollector:
+    from lerobot_ript.envs.metaworld import make_vector_env
+
+    cfg, rank, world = run.cfg, run.accelerator.process_index, run.accelerator.num_processes
+    r = cfg.rollout
+    tracker = SkipTracker(r.rollout_skip_threshold)
+    if run.state.skip_tracker:
+        tracker.load_state_dict(run.state.skip_tracker)
+    collector = GroupedCollector(
+        lambda: make_vector_env(cfg.env, r.rloo_batch_size, use_async=r.use_async_envs), policy=None,
+        task=cfg.env.task, group_size=r.rloo_batch_size, num_slots=r.groups_per_round,
+        goal_rollouts=max(1, -(-r.rollout_goal_per_step // world)), max_groups=r.max_groups_per_step,
+        seed_sampler=SeedSampler(r.train_seed_pool, 0, seed=cfg.seed + rank), skip_tracker=tracker,
+        dynamic_sampling=r.enable_dynamic_sampling, max_episode_steps=cfg.env.episode_length,
+    )
+    collector._seed_hash.update({int(k): v for k, v in run.state.seed_hash.items()})
+    return collector
+
+
+def train(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
+    run = setup(cfg, accelerator)
+    rank, main = accelerator.process_index, accelerator.is_main_process
+    if not run.state.sft_done and not cfg.checkpoint_path and cfg.optim.sft_steps > 0:
+        sft(run)
+    if not run.state.history:
+        run.metrics.log(run_eval(run, 0), step=0)
+    collector = make_collector(run)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.num_train_steps, initial=run.state.iteration, disable=not main, desc="RIPT")
+    try:
+        while run.state.iteration < cfg.num_train_steps:
+            it = run.state.iteration + 1
+            seed_iteration(cfg, rank, it)
+            collector.seed_sampler.rng = np.random.default_rng([cfg.seed, rank, it])
+            timings = {}
+            t0 = time.perf_counter()
+            result = collect(run, collector)                                   # 1. rollouts
+            timings["time/collect_s"] = time.perf_counter() - t0
+            weights, adv_stats = process_advantages(run, result.episodes)      # 2. advantages
+            run.state.replay = (run.state.replay + [[_ep_to_dict(e, w) for e, w in zip(result.episodes, weights, strict=True)]])[-cfg.data.replay_iterations:]
+            rollouts = _replay_dataset(run)                                    # 3. training batches
+            t1 = time.perf_counter()
+            gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank * 104_729 + it)
+            train_metrics = updates(run, training_batches(run, rollouts, gen), cfg.optim.update_steps_per_iteration)
+            timings["time/update_s"] = time.perf_counter() - t1                # 4. updates
+            local = {**result.stats.as_dict(), **adv_stats, **train_metrics, **timings}
+            metrics = reduce_metrics(_complete(local), accelerator)           # 5. log
+            run.state.episodes_seen += int(metrics["rollout/groups_sampled"] * cfg.rollout.rloo_batch_size)
+            run.state.iteration = it
+            if cfg.eval.eval_interval and it % cfg.eval.eval_interval == 0 and it != cfg.num_train_steps:
+                metrics.update(run_eval(run, it))                             # 6. eval
+            metrics["memory/max_rss_mb"] = _max_rss_mb()
+            if it % cfg.log.log_interval == 0 or it == cfg.num_train_steps:
+                run.metrics.log(metrics, step=it)
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", success=f"{metrics['rollout/success_rate']:.2f}")
+            if it % cfg.save_interval == 0 or it == cfg.num_train_steps:
+                checkpoint(run, collector)                                   # 7. checkpoint
+            bar.update(1)
+    finally:
+        bar.close()
+        collector.close()
+    if not run.state.history or run.state.history[-1]["iteration"] != run.state.iteration:
+        run.metrics.log(run_eval(run, run.state.iteration), step=run.state.iteration)
+        if cfg.num_train_steps == 0 or run.state.iteration % cfg.save_interval:
+            checkpoint(run, collector)
+    return run
+
+
+def sft(run: Run) -> None:
+    """Supervised flow matching on the demos (every frame labelled good) before RIPT."""
+    cfg = run.cfg
+    for group in run.optimizer.param_groups:
+        group["lr"] = cfg.optim.sft_learning_rate
+    seed_iteration(cfg, run.accelerator.process_index, 0)
+    gen = torch.Generator().manual_seed(cfg.seed + run.accelerator.process_index)
+    metrics = updates(run, training_batches(run, None, gen), cfg.optim.sft_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = cfg.optim.learning_rate
+    run.state.sft_done = True
+    run.metrics.log({f"sft/{k.split('/', 1)[1]}": v for k, v in reduce_metrics(metrics, run.accelerator).items()}, 0)
+
+
+def _replay_dataset(run: Run) -> RiptDataset | None:
+    episodes = [e for it in run.state.replay for e in it]
+    if not episodes:
+        return None
+    data = RiptDataset(run.model.config.chunk_size, run.model.config.target_state_dim)
+    data.add_episodes([_ep_from_dict(e) for e in episodes], weights=[e["weight"] for e in episodes])
+    return data
+
+
+def _ep_to_dict(ep: EpisodeRecord, weight: float) -> dict:
+    return {"task": ep.task, "states": ep.states.tolist(), "actions": ep.actions.tolist(),
+            "rewards": ep.rewards.tolist(), "success": bool(ep.success), "init_hash": int(ep.init_hash),
+            "advantage": float(ep.advantage), "weight": float(weight)}
+
+
+def _ep_from_dict(d: dict) -> EpisodeRecord:
+    return EpisodeRecord(task=d["task"], states=np.asarray(d["states"], np.float32),
+                         actions=np.asarray(d["actions"], np.float32), rewards=np.asarray(d["rewards"], np.float32),
+                         success=d["success"], init_hash=d["init_hash"], advantage=d["advantage"])
+
+
+_TRAIN_KEYS = ("train/loss", "train/grad_norm", "train/lr", "train/update_s", "train/share_good", "train/share_bad")
+
+
+def _complete(metrics: dict[str, float]) -> dict[str, float]:
+    """Same keys on every rank (a rank with no rollouts has no advantage stats): fill gaps with NaN."""
+    from lerobot_ript.advantages import AdvantageOutput  # noqa: F401  (documents where the stats come from)
+
+    keys = [f"advantage/{k}" for k in ("mean", "std", "min", "max", "share_clipped", "share_nonfinite",
+                                        "share_positive", "share_negative")]
+    keys += [f"advantage/hist_{i}" for i in range(5)]
+    return {**{k: float("nan") for k in keys}, **metrics}
+
+
+def _max_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _flat_config(cfg: RiptTrainConfig) -> dict:
+    from lerobot_ript.train.hub import redact_secrets
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v if isinstance(v, int | float | str | bool | type(None)) else json.dumps(v, default=str)
+        return out
+
+    return redact_secrets(flat(json.loads(json.dumps(dataclasses.asdict(cfg), default=str))))
