@@ -66,13 +66,20 @@ class RiptDataset(torch.utils.data.Dataset):
 
     # ----- adding data -----
     def add_episodes(self, episodes: list[EpisodeRecord], weights: list[float] | None = None) -> None:
-        """Add rollout episodes (with `advantage` set) or demos (advantage None -> labelled good)."""
+        """Add rollout episodes (with `advantage` set) or demos (advantage None -> labelled good).
+
+        `weights`: one non-negative weight per episode for the "weighted" objective (the processed advantages).
+        Without them a demo weighs 1 and a rollout max(advantage, 0), as in `add_lerobot_dataset`."""
+        if weights is not None and len(weights) != len(episodes):
+            raise ValueError(
+                f"got {len(weights)} weights for {len(episodes)} episodes; pass one per episode."
+            )
         for i, ep in enumerate(episodes):
             if ep.advantage is not None and not np.isfinite(ep.advantage):
                 raise ValueError(f"episode {i} has a non-finite advantage {ep.advantage}.")
             demo = ep.advantage is None
             adv = 1.0 if demo else float(ep.advantage)
-            w = 1.0 if weights is None else float(weights[i])
+            w = (1.0 if demo else max(adv, 0.0)) if weights is None else float(weights[i])
             self._add(ep.states, ep.actions, adv, w, ep.init_hash, "demo" if demo else _category(adv), None)
 
     def add_lerobot_dataset(self, dataset, *, as_demo: bool | None = None) -> None:
@@ -90,7 +97,11 @@ class RiptDataset(torch.utils.data.Dataset):
                 "values. Clean the column (AdvantageProcessor) before training."
             )
         hashes = np.asarray(hf["init_hash"]).reshape(-1) if "init_hash" in hf.column_names else None
-        weights = np.asarray(hf["advantage_weights"]).reshape(-1) if "advantage_weights" in hf.column_names else None
+        weights = (
+            np.asarray(hf["advantage_weights"]).reshape(-1)
+            if "advantage_weights" in hf.column_names
+            else None
+        )
         source = _Source(dataset=dataset, offset=0) if dataset.meta.camera_keys else None
         bounds = np.flatnonzero(np.diff(ep_index)) + 1
         for start, end in zip(np.r_[0, bounds], np.r_[bounds, len(ep_index)], strict=True):
@@ -98,13 +109,17 @@ class RiptDataset(torch.utils.data.Dataset):
             w = float(weights[start]) if weights is not None else (1.0 if adv is None else max(a, 0.0))
             h = int(hashes[start]) if hashes is not None else -1
             cat = "demo" if adv is None else _category(a)
-            self._add(states[start:end], actions[start:end], a, w, h, cat, (source, int(start)) if source else None)
+            self._add(
+                states[start:end], actions[start:end], a, w, h, cat, (source, int(start)) if source else None
+            )
 
     def _add(self, states, actions, adv, weight, init_hash, category, source) -> None:
         states = np.asarray(states, np.float32)
         actions = np.asarray(actions, np.float32)
         if len(states) != len(actions) or len(states) == 0:
-            raise ValueError(f"an episode has {len(states)} states and {len(actions)} actions; need equal, > 0.")
+            raise ValueError(
+                f"an episode has {len(states)} states and {len(actions)} actions; need equal, > 0."
+            )
         if self.target_state_dim is not None:
             states = _pad_or_truncate(states, self.target_state_dim)
         self._states.append(states)

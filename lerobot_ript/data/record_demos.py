@@ -92,13 +92,17 @@ def record_demos(
     if episodes < 1:
         raise ValueError(f"episodes={episodes} must be >= 1.")
     if not noise >= 0:
-        raise ValueError(f"noise={noise} must be a standard deviation >= 0 (in action units, actions in [-1, 1]).")
+        raise ValueError(
+            f"noise={noise} must be a standard deviation >= 0 (in action units, actions in [-1, 1])."
+        )
     if seed < 0:
         raise ValueError(f"seed={seed} must be >= 0.")
     if seed + episodes > HELD_OUT_SEED_START:
         logger.warning(
             "Demo seeds %d..%d reach the held-out evaluation seeds (>= %d).",
-            seed, seed + episodes - 1, HELD_OUT_SEED_START,
+            seed,
+            seed + episodes - 1,
+            HELD_OUT_SEED_START,
         )
     env = MetaWorldStateEnv(task=task, episode_length=episode_length, obs_type=obs_type)
     expert = scripted_expert(task)
@@ -111,7 +115,13 @@ def record_demos(
     write_episodes(records, root, repo_id or f"local/{task}-demos", METAWORLD_FPS, with_advantages=False)
     logger.info(
         "Recorded %d %s demos (noise %.3g, seeds %d..%d): success rate %.1f%%, dataset at %s",
-        episodes, task, noise, seed, seed + episodes - 1, 100 * success_rate, root,
+        episodes,
+        task,
+        noise,
+        seed,
+        seed + episodes - 1,
+        100 * success_rate,
+        root,
     )
     return RecordResult(dataset_root=root, num_episodes=episodes, success_rate=success_rate)
 
@@ -127,7 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", required=True, help="New dataset folder (must not exist or be empty).")
     parser.add_argument(
-        "--seed", type=int, default=0, help="Seed of the first episode; held-out eval uses >= 1000000 (default: 0)."
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of the first episode; held-out eval uses >= 1000000 (default: 0).",
     )
     parser.add_argument(
         "--episode-length", type=int, default=200, help="Episode horizon in steps, 1..500 (default: 200)."

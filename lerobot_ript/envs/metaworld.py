@@ -370,7 +370,9 @@ def _make_frozen_env(env_kwargs: dict[str, Any]) -> gym.Env:
     return _freeze_after_episode_end_cls()(MetaWorldStateEnv(**env_kwargs))
 
 
-def make_vector_env(cfg: MetaWorldStateEnvConfig, n_envs: int, use_async: bool = False) -> gym.vector.VectorEnv:
+def make_vector_env(
+    cfg: MetaWorldStateEnvConfig, n_envs: int, use_async: bool = False
+) -> gym.vector.VectorEnv:
     """One vector env of `n_envs` copies of the configured task; `reset(seed=[s_0, ..., s_{n-1}])` seeds each.
 
     Autoreset is NEXT_STEP and each sub-env freezes once its episode ends (LeRobot's `FreezeAfterEpisodeEnd`),

@@ -116,7 +116,9 @@ class RiptConfig(PreTrainedConfig):
         if self.backbone not in BACKBONES:
             raise _choice_error("backbone", self.backbone, BACKBONES)
         if self.n_obs_steps != 1:
-            raise ValueError(f"n_obs_steps={self.n_obs_steps}: the ript policy uses one observation frame; set 1.")
+            raise ValueError(
+                f"n_obs_steps={self.n_obs_steps}: the ript policy uses one observation frame; set 1."
+            )
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size={self.chunk_size} must be >= 1.")
         if not 1 <= self.n_action_steps <= self.chunk_size:

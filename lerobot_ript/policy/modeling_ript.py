@@ -70,7 +70,9 @@ class TimeEmbedding(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         half = self.dim // 2
-        freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        freqs = torch.exp(
+            -math.log(10_000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+        )
         angles = t.float()[:, None] * 1000.0 * freqs[None]
         emb = torch.cat([angles.sin(), angles.cos()], dim=-1)
         if emb.shape[-1] < self.dim:
@@ -130,9 +132,11 @@ class RiptPolicy(PreTrainedPolicy):
             ctx2 = self.backbone.repeat_context(context, 2)
             labels2 = torch.cat([torch.full_like(labels, LABEL_GOOD), torch.full_like(labels, LABEL_NULL)])
             v2 = self._velocity(ctx2, torch.cat([x_t, x_t]), torch.cat([t, t]), labels2)
-            loss_good, loss_null = self._masked_mse(v2, torch.cat([target, target]), valid.repeat(2, 1)).chunk(2)
+            loss_good, loss_null = self._masked_mse(
+                v2, torch.cat([target, target]), valid.repeat(2, 1)
+            ).chunk(2)
             per_sample = (labels == LABEL_GOOD).float() * loss_good + self.config.cfg_alpha * loss_null
-            metrics["loss_null"] = float(loss_null.mean())
+            metrics["loss_null"] = float(loss_null.detach().mean())
         else:
             if objective == "weighted":
                 weights = sample_weights(batch, b, device)

@@ -24,7 +24,6 @@ from lerobot.processor import (
 )
 from lerobot.processor.converters import batch_to_transition
 from lerobot.processor.factory import make_default_policy_processor_steps, make_policy_processor_pipelines
-
 from lerobot.utils.constants import OBS_STATE
 
 from lerobot_ript.policy.configuration_ript import RiptConfig
@@ -69,12 +68,16 @@ class StateDimAdapterStep(ObservationProcessorStep):
 
     def __post_init__(self) -> None:
         if self.target_state_dim is not None and self.target_state_dim < 1:
-            raise ValueError(f"target_state_dim={self.target_state_dim} must be >= 1 (or None to turn it off).")
+            raise ValueError(
+                f"target_state_dim={self.target_state_dim} must be >= 1 (or None to turn it off)."
+            )
 
     def observation(self, observation: dict) -> dict:
         if self.target_state_dim is None or OBS_STATE not in observation:
             return observation
-        observation[OBS_STATE] = pad_or_truncate(torch.as_tensor(observation[OBS_STATE]), self.target_state_dim)
+        observation[OBS_STATE] = pad_or_truncate(
+            torch.as_tensor(observation[OBS_STATE]), self.target_state_dim
+        )
         return observation
 
     def get_config(self) -> dict[str, Any]:
@@ -92,7 +95,10 @@ class StateDimAdapterStep(ObservationProcessorStep):
 def make_ript_pre_post_processors(
     config: RiptConfig,
     dataset_stats: dict[str, dict[str, torch.Tensor]] | None = None,
-) -> tuple[PolicyProcessorPipeline[dict[str, Any], dict[str, Any]], PolicyProcessorPipeline[PolicyAction, PolicyAction]]:
+) -> tuple[
+    PolicyProcessorPipeline[dict[str, Any], dict[str, Any]],
+    PolicyProcessorPipeline[PolicyAction, PolicyAction],
+]:
     """Rename -> batch -> device -> normalise -> state adapter; unnormalise -> cpu."""
     s = make_default_policy_processor_steps(config, dataset_stats, normalizer_device=config.device)
     pre, post = make_policy_processor_pipelines(

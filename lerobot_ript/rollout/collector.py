@@ -3,7 +3,8 @@
 K = `group_size` rollouts start from the same initial state (one gymnasium vector env of K sub-envs per group
 slot, reset with K equal seeds); every slot steps in lockstep with ONE batched policy call per action chunk.
 Groups whose K rewards are all equal carry no RLOO signal and are dropped (dynamic sampling); more groups are
-sampled until `goal_rollouts` rollouts with signal are kept or `max_groups` groups were tried. A state solved
+sampled until `goal_rollouts` rollouts with signal are kept or `max_groups` groups were tried. Without dynamic
+sampling every finished group is kept, and only as many groups are started as the goal needs. A state solved
 by every rollout `skip_threshold` times in a row is skipped (SkipTracker). An env that raises costs its own
 group; its slot is rebuilt and the fault counted.
 """
@@ -42,7 +43,7 @@ class CollectionStats:
     env_steps: int = 0
     steps_per_second: float = 0.0
     wall_time_s: float = 0.0
-    goal_reached: bool = True  # False when max_groups stopped sampling before goal_rollouts
+    goal_reached: bool = True  # False when max_groups stopped sampling before goal_rollouts were kept
     rollouts_kept: int = 0
 
     @property
@@ -92,7 +93,9 @@ class _Slot:
     obs: dict | None = None
     done: np.ndarray | None = None  # (K,) bool
     success: np.ndarray | None = None  # (K,) bool
-    steps: list = field(default_factory=list)  # per step: (states (K,S), actions (K,A), rewards (K,), alive (K,))
+    steps: list = field(
+        default_factory=list
+    )  # per step: (states (K,S), actions (K,A), rewards (K,), alive (K,))
     images: list = field(default_factory=list)
     faulted: bool = False
 
@@ -117,7 +120,9 @@ class GroupedCollector:
         record_images: bool = False,
     ) -> None:
         if group_size < 2:
-            raise ValueError(f"rloo_batch_size={group_size} must be >= 2: RLOO needs a leave-one-out baseline.")
+            raise ValueError(
+                f"rloo_batch_size={group_size} must be >= 2: RLOO needs a leave-one-out baseline."
+            )
         if num_slots < 1 or max_groups < 1 or goal_rollouts < 1:
             raise ValueError("num_slots, max_groups and goal_rollouts must all be >= 1.")
         self.make_group_env, self.policy, self.task = make_group_env, policy, task
@@ -133,7 +138,11 @@ class GroupedCollector:
     def _build_env(self) -> gym.vector.VectorEnv:
         env = self.make_group_env()
         if env.num_envs != self.k:
-            raise ValueError(f"make_group_env built {env.num_envs} envs; expected rloo_batch_size={self.k}.")
+            env.close()
+            raise ValueError(
+                f"make_group_env built a vector env of {env.num_envs} sub-envs; expected rloo_batch_size={self.k}: "
+                "build one sub-env per rollout of a group."
+            )
         return env
 
     def close(self) -> None:
@@ -147,6 +156,10 @@ class GroupedCollector:
         t0 = time.perf_counter()
         while stats.groups_sampled < self.max_groups:
             n = min(len(self.slots), self.max_groups - stats.groups_sampled)
+            if (
+                not self.dynamic_sampling
+            ):  # every finished group is kept: start only the groups the goal needs
+                n = min(n, -(-(self.goal - sum(len(g) for g in kept)) // self.k))
             active = [s for s in self.slots[:n] if self._start_group(s, stats)]
             self._run_round(active, stats)
             for slot in active:
@@ -163,14 +176,19 @@ class GroupedCollector:
                 stats.groups_kept += 1
                 rewards_kept.append(rewards)
                 kept.append(self._episodes(slot))
-            if not self.dynamic_sampling or sum(len(g) for g in kept) >= self.goal:
+            if sum(len(g) for g in kept) >= self.goal:
                 break
         stats.rollouts_kept = sum(len(g) for g in kept)
-        stats.goal_reached = not self.dynamic_sampling or stats.rollouts_kept >= self.goal
+        stats.goal_reached = stats.rollouts_kept >= self.goal
         if not stats.goal_reached:
             logger.warning(
-                "Dynamic sampling stopped at max_groups=%d with %d/%d rollouts with signal.",
-                self.max_groups, stats.rollouts_kept, self.goal,
+                "Collection stopped at max_groups=%d with %d/%d rollouts kept (%d groups without signal, "
+                "%d faulted).",
+                self.max_groups,
+                stats.rollouts_kept,
+                self.goal,
+                stats.groups_dropped,
+                stats.groups_faulted,
             )
         stats.success_rate = float(np.mean(successes)) if successes else 0.0
         stats.wall_time_s = time.perf_counter() - t0
@@ -208,7 +226,9 @@ class GroupedCollector:
         return self._seed_hash.get(seed, -1)
 
     def _fault(self, slot: _Slot, err: BaseException) -> None:
-        logger.warning("Env fault (%s: %s): dropping its group and rebuilding the env.", type(err).__name__, err)
+        logger.warning(
+            "Env fault (%s: %s): dropping its group and rebuilding the env.", type(err).__name__, err
+        )
         slot.faulted = True
         try:
             slot.env.close()
@@ -241,9 +261,6 @@ class GroupedCollector:
 
     def _step_slot(self, slot: _Slot, actions: np.ndarray) -> int:
         alive = ~slot.done
-        if len(slot.steps) >= self.max_episode_steps:
-            slot.done[:] = True
-            return 0
         state = slot.obs["agent_pos"].astype(np.float32)
         try:
             obs, reward, terminated, truncated, info = slot.env.step(actions.astype(np.float32))
@@ -256,6 +273,8 @@ class GroupedCollector:
         success = np.asarray(info.get("is_success", info.get("success", np.zeros(self.k))), dtype=bool)
         slot.success |= success & alive
         slot.done |= np.asarray(terminated, bool) | np.asarray(truncated, bool)
+        if len(slot.steps) >= self.max_episode_steps:  # horizon: done now, so no chunk is inferred for it
+            slot.done[:] = True
         slot.obs = obs
         return int(alive.sum())
 

@@ -27,8 +27,10 @@ logger = logging.getLogger(__name__)
 PRETRAINED_DIR = "pretrained_model"
 TRAINING_STATE_DIR = "training_state"
 TRAIN_CONFIG_NAME = "train_config.json"
-# Fault injection for tests: when set to "1", the process dies halfway through writing a checkpoint.
+# Test-only fault injection: set to an iteration number N, every process dies (exit code 17) halfway through
+# writing the checkpoint of iteration N (its files are in the temporary directory, not yet renamed into place).
 CRASH_ENV_VAR = "LEROBOT_RIPT_TEST_CRASH_IN_CHECKPOINT"
+TMP_PREFIX = ".tmp-"
 
 
 def save_checkpoint(
@@ -44,7 +46,7 @@ def save_checkpoint(
 ) -> Path:
     """Collective: every rank must call it. Returns the final checkpoint directory."""
     final = checkpoints_dir / f"{iteration:06d}"
-    tmp = checkpoints_dir / f".tmp-{iteration:06d}"
+    tmp = checkpoints_dir / f"{TMP_PREFIX}{iteration:06d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / PRETRAINED_DIR).mkdir(parents=True)
@@ -57,8 +59,10 @@ def save_checkpoint(
     accelerator.save_state(str(tmp / TRAINING_STATE_DIR))
     state_file = tmp / TRAINING_STATE_DIR / f"ript_state_{accelerator.process_index}.json"
     state_file.write_text(json.dumps(ript_state))
-    if os.environ.get(CRASH_ENV_VAR) == "1":
-        logger.error("%s=1: dying in the middle of a checkpoint (test fault injection).", CRASH_ENV_VAR)
+    if os.environ.get(CRASH_ENV_VAR) == str(iteration):
+        logger.error(
+            "%s=%d: dying in the middle of a checkpoint (test fault injection).", CRASH_ENV_VAR, iteration
+        )
         os._exit(17)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -68,6 +72,15 @@ def save_checkpoint(
         update_last_link(checkpoints_dir, final.name)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_interrupted_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Delete the temporary directories of checkpoints whose writer was killed (`last` never points at one)."""
+    leftovers = sorted(checkpoints_dir.glob(f"{TMP_PREFIX}*")) if checkpoints_dir.is_dir() else []
+    for path in leftovers:
+        logger.warning("Removing %s, left by a run killed while writing a checkpoint.", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
 
 
 def update_last_link(checkpoints_dir: Path, target: str) -> None:

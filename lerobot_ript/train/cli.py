@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -59,13 +61,33 @@ def parse_config(argv: list[str] | None = None) -> RiptTrainConfig:
         config_path = str(resolve_config_path(config_path))
         keys += _flat_keys(yaml.safe_load(Path(config_path).read_text()) or {})
     check_unknown_keys(keys)
-    cfg = draccus.parse(RiptTrainConfig, config_path=config_path, args=rest)
+    try:
+        cfg = draccus.parse(RiptTrainConfig, config_path=config_path, args=rest)
+    except draccus.utils.ParsingError as err:
+        # draccus hides a sub-config's own check (e.g. RiptConfig.__post_init__) behind "Couldn't instantiate
+        # class ..."; surface that message, which names the value, the rule and the fix.
+        if isinstance(err.__cause__, ValueError):
+            raise ValueError(f"{_section_of(err)}{err.__cause__}") from err
+        raise
     cfg.validate()
     return cfg
 
 
+def _section_of(err: Exception) -> str:
+    """'policy.' when draccus failed to build the RiptConfig of `policy`, etc.; '' when unknown."""
+    for f in dataclasses.fields(RiptTrainConfig):
+        if (
+            f.default_factory is not dataclasses.MISSING
+            and f"class {type(f.default_factory()).__name__} " in str(err)
+        ):
+            return f"{f.name}."
+    return ""
+
+
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
     cfg = parse_config(argv)  # before any process group starts
     from lerobot_ript.train.loop import build_accelerator, train
 
@@ -87,7 +109,10 @@ def summarize(run) -> None:
     out = Path(run.cfg.output_dir)
     logger.info(
         "success before %.1f%% -> after %.1f%% (%d held-out episodes each); plot: %s; checkpoint: %s",
-        100 * first["success_rate"], 100 * last["success_rate"], last["n"], out / "success.png",
+        100 * first["success_rate"],
+        100 * last["success_rate"],
+        last["n"],
+        out / "success.png",
         out / "checkpoints" / "last" / "pretrained_model",
     )
 
@@ -96,18 +121,44 @@ def push(run) -> None:
     from lerobot_ript.train.checkpoint import PRETRAINED_DIR, TRAIN_CONFIG_NAME
     from lerobot_ript.train.hub import push_folder_with_retry, write_model_card
 
-    import json
-
     cfg = run.cfg
     folder = (cfg.checkpoints_dir / "last").resolve() / PRETRAINED_DIR
     train_config = json.loads((folder / TRAIN_CONFIG_NAME).read_text())
     history = [(h["episodes"], h["success_rate"]) for h in run.state.history]
-    write_model_card(folder, repo_id=cfg.hub.hub_repo_id, train_config=train_config, success_history=history,
-                     plot_path=Path(cfg.output_dir) / "success.png")
-    result = push_folder_with_retry(folder, cfg.hub.hub_repo_id, token=os.environ.get("HF_TOKEN"),
-                                    private=cfg.hub.private)
+    write_model_card(
+        folder,
+        repo_id=cfg.hub.hub_repo_id,
+        train_config=train_config,
+        success_history=history,
+        plot_path=Path(cfg.output_dir) / "success.png",
+    )
+    result = push_folder_with_retry(
+        folder, cfg.hub.hub_repo_id, token=os.environ.get("HF_TOKEN"), private=cfg.hub.private
+    )
+    _report(result, folder)
+    rollouts = sorted((Path(cfg.output_dir) / "rollouts").glob("iter_*"))
+    if cfg.hub.push_rollout_dataset:
+        if not rollouts:
+            logger.warning(
+                "hub.push_rollout_dataset=true but no rollouts were saved; set data.save_rollouts=true."
+            )
+        else:
+            result = push_folder_with_retry(
+                rollouts[-1],
+                f"{cfg.hub.hub_repo_id}-rollouts",
+                repo_type="dataset",
+                token=os.environ.get("HF_TOKEN"),
+                private=cfg.hub.private,
+            )
+            _report(result, rollouts[-1])
+
+
+def _report(result, folder: Path) -> None:
     if result.ok:
-        logger.info("Pushed the policy to %s (%s).", cfg.hub.hub_repo_id, result.commit_url)
+        logger.info("Pushed %s to %s (%s).", folder, result.repo_id, result.commit_url)
     else:
-        logger.error("The Hub push failed; everything is kept in %s. Push it later with:\n  %s",
-                     folder, result.retry_command)
+        logger.error(
+            "The Hub push failed; everything is kept in %s. Push it later with:\n  %s",
+            folder,
+            result.retry_command,
+        )

@@ -48,8 +48,15 @@ class RolloutConfig:
     use_async_envs: bool = False
 
 
+ESTIMATORS = ("rloo", "success")
+
+
 @dataclass
 class AdvantageConfig:
+    # Per-rollout signal: "rloo" (R_i - mean of the other K-1 rewards in its group) or "success" (+1 for a
+    # successful rollout, -1 for a failed one, no baseline: with data.bad_share=0 this is success-filtered
+    # fine-tuning, a baseline).
+    estimator: str = "rloo"
     # Advantage normalisation: standard | robust | none.
     normalization: str = "none"
     # Advantage clipping: symmetric | asymmetric | none.
@@ -172,6 +179,9 @@ class RiptTrainConfig:
     resume: bool = False
     # More log lines (per-phase timings).
     verbose: bool = False
+    # Torch CPU threads per process (>= 1). 1 is the fastest for small policies on a small, shared CPU: a
+    # second thread costs more in synchronisation than it gains (up to 8x slower on a loaded 2-core machine).
+    cpu_threads: int = 1
     policy: RiptConfig = field(default_factory=_default_policy)
     env: MetaWorldStateEnvConfig = field(default_factory=MetaWorldStateEnvConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -185,41 +195,79 @@ class RiptTrainConfig:
     def validate(self) -> None:
         """Every fail-fast check, before any process group starts."""
         r, d, o = self.rollout, self.data, self.optim
-        _require(r.rloo_batch_size >= 2, "rollout.rloo_batch_size", r.rloo_batch_size,
-                 "must be >= 2: RLOO needs a leave-one-out baseline")
+        _require(
+            r.rloo_batch_size >= 2,
+            "rollout.rloo_batch_size",
+            r.rloo_batch_size,
+            "must be >= 2: RLOO needs a leave-one-out baseline",
+        )
         for name, value in [
-            ("rollout.groups_per_round", r.groups_per_round), ("rollout.rollout_goal_per_step", r.rollout_goal_per_step),
-            ("rollout.max_groups_per_step", r.max_groups_per_step), ("rollout.train_seed_pool", r.train_seed_pool),
-            ("data.batch_size", d.batch_size), ("data.replay_iterations", d.replay_iterations),
-            ("data.num_demos", d.num_demos), ("optim.gradient_accumulation_steps", o.gradient_accumulation_steps),
-            ("optim.update_steps_per_iteration", o.update_steps_per_iteration), ("save_interval", self.save_interval),
-            ("eval.eval_episodes", self.eval.eval_episodes), ("eval.num_envs", self.eval.num_envs),
+            ("rollout.groups_per_round", r.groups_per_round),
+            ("rollout.rollout_goal_per_step", r.rollout_goal_per_step),
+            ("rollout.max_groups_per_step", r.max_groups_per_step),
+            ("rollout.train_seed_pool", r.train_seed_pool),
+            ("data.batch_size", d.batch_size),
+            ("data.replay_iterations", d.replay_iterations),
+            ("data.num_demos", d.num_demos),
+            ("optim.gradient_accumulation_steps", o.gradient_accumulation_steps),
+            ("optim.update_steps_per_iteration", o.update_steps_per_iteration),
+            ("save_interval", self.save_interval),
+            ("eval.eval_episodes", self.eval.eval_episodes),
+            ("eval.num_envs", self.eval.num_envs),
             ("log.log_interval", self.log.log_interval),
+            ("cpu_threads", self.cpu_threads),
         ]:
             _require(value >= 1, name, value, "must be >= 1")
         for name, value in [
-            ("num_train_steps", self.num_train_steps), ("rollout.rollout_skip_threshold", r.rollout_skip_threshold),
-            ("rollout.guidance_scale", r.guidance_scale), ("eval.guidance_scale", self.eval.guidance_scale),
-            ("eval.eval_interval", self.eval.eval_interval), ("data.demo_noise", d.demo_noise),
-            ("data.good_share", d.good_share), ("data.bad_share", d.bad_share), ("data.neutral_share", d.neutral_share),
-            ("optim.weight_decay", o.weight_decay), ("optim.sft_steps", o.sft_steps),
+            ("num_train_steps", self.num_train_steps),
+            ("rollout.rollout_skip_threshold", r.rollout_skip_threshold),
+            ("rollout.guidance_scale", r.guidance_scale),
+            ("eval.guidance_scale", self.eval.guidance_scale),
+            ("eval.eval_interval", self.eval.eval_interval),
+            ("data.demo_noise", d.demo_noise),
+            ("data.good_share", d.good_share),
+            ("data.bad_share", d.bad_share),
+            ("data.neutral_share", d.neutral_share),
+            ("optim.weight_decay", o.weight_decay),
+            ("optim.sft_steps", o.sft_steps),
         ]:
-            _require(value >= 0, name, value, "must be >= 0 (negative rates, counts and scales have no meaning)")
-        for name, value in [("optim.learning_rate", o.learning_rate), ("optim.sft_learning_rate", o.sft_learning_rate),
-                            ("optim.gradient_clip_norm", o.gradient_clip_norm)]:
+            _require(
+                value >= 0, name, value, "must be >= 0 (negative rates, counts and scales have no meaning)"
+            )
+        for name, value in [
+            ("optim.learning_rate", o.learning_rate),
+            ("optim.sft_learning_rate", o.sft_learning_rate),
+            ("optim.gradient_clip_norm", o.gradient_clip_norm),
+        ]:
             _require(value > 0, name, value, "must be > 0")
-        _require(0 <= d.demo_batch_size <= d.batch_size, "data.demo_batch_size", d.demo_batch_size,
-                 f"must be in [0, data.batch_size={d.batch_size}]")
-        _require(d.good_share + d.bad_share + d.neutral_share > 0 or d.demo_batch_size == d.batch_size,
-                 "data.good_share+bad_share+neutral_share", 0, "must be > 0 when rollout frames are trained on")
+        _require(
+            0 <= d.demo_batch_size <= d.batch_size,
+            "data.demo_batch_size",
+            d.demo_batch_size,
+            f"must be in [0, data.batch_size={d.batch_size}]",
+        )
+        _require(
+            d.good_share + d.bad_share + d.neutral_share > 0 or d.demo_batch_size == d.batch_size,
+            "data.good_share+bad_share+neutral_share",
+            0,
+            "must be > 0 when rollout frames are trained on",
+        )
         _check_choice("optim.mixed_precision", o.mixed_precision, ("no", "bf16", "fp16"))
         _check_choice("log.wandb_mode", self.log.wandb_mode, ("offline", "online", "disabled"))
-        self.advantage.processor()  # validates the advantage choices (did-you-mean on a typo)
+        _check_choice("advantage.estimator", self.advantage.estimator, ESTIMATORS)
+        try:
+            self.advantage.processor()  # validates the advantage choices (did-you-mean on a typo)
+        except ValueError as err:  # name the config key the user sets, not the processor's field
+            raise ValueError(str(err).replace("AdvantageProcessor.", "advantage.")) from err
         self.policy.validate_hyperparameters()
         if self.hub.push_to_hub and not self.hub.hub_repo_id:
-            raise ValueError("hub.push_to_hub=true needs hub.hub_repo_id, e.g. --hub.hub_repo_id=user/ript-push.")
+            raise ValueError(
+                "hub.push_to_hub=true needs hub.hub_repo_id, e.g. --hub.hub_repo_id=user/ript-push."
+            )
         if d.dataset_id is None and d.dataset_root is not None:
-            raise ValueError("data.dataset_root is set without data.dataset_id; set both (any id for a local copy).")
+            raise ValueError(
+                "data.dataset_root is set without data.dataset_id; set both (any id for a local copy)."
+            )
 
     @property
     def mixed_precision(self) -> str:
@@ -261,7 +309,11 @@ def check_unknown_keys(keys: list[str]) -> None:
     valid = known_keys()
     problems = []
     for key in keys:
-        if key in valid or key.startswith("policy.input_features") or key.startswith("policy.output_features"):
+        if (
+            key in valid
+            or key.startswith("policy.input_features")
+            or key.startswith("policy.output_features")
+        ):
             continue
         close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
         problems.append(f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))

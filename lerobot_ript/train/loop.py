@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,12 @@ from lerobot_ript.data.writer import EpisodeRecord
 from lerobot_ript.rollout.collector import GroupedCollector, SeedSampler, make_chunk_policy
 from lerobot_ript.rollout.evaluate import evaluate, wilson_interval
 from lerobot_ript.rollout.sampling import SkipTracker
-from lerobot_ript.train.checkpoint import last_checkpoint, load_training_state, save_checkpoint
+from lerobot_ript.train.checkpoint import (
+    last_checkpoint,
+    load_training_state,
+    remove_interrupted_checkpoints,
+    save_checkpoint,
+)
 from lerobot_ript.train.config import RiptTrainConfig
 from lerobot_ript.train.tracking import MetricsWriter, plot_success, reduce_metrics
 from lerobot_ript.train.update import update_step
@@ -38,8 +44,15 @@ from lerobot_ript.train.update import update_step
 logger = logging.getLogger(__name__)
 
 # Training-time policy fields taken from the run's config even when the policy comes from a checkpoint.
-RL_POLICY_FIELDS = ("objective", "cfg_dropout_prob", "cfg_alpha", "guidance_scale", "enable_cfg_safe_copy",
-                    "num_inference_steps", "n_action_steps")
+RL_POLICY_FIELDS = (
+    "objective",
+    "cfg_dropout_prob",
+    "cfg_alpha",
+    "guidance_scale",
+    "enable_cfg_safe_copy",
+    "num_inference_steps",
+    "n_action_steps",
+)
 
 
 @dataclass
@@ -77,6 +90,7 @@ def build_accelerator(cfg: RiptTrainConfig) -> Accelerator:
     """Arguments left to None let `accelerate launch` flags apply; a CPU policy forces a CPU run (gloo)."""
     from accelerate.utils import DistributedDataParallelKwargs
 
+    torch.set_num_threads(cfg.cpu_threads)
     mp = cfg.mixed_precision
     accelerator = Accelerator(
         cpu=True if cfg.policy.device == "cpu" else None,
@@ -90,8 +104,12 @@ def build_accelerator(cfg: RiptTrainConfig) -> Accelerator:
     used = accelerator.mixed_precision
     if accelerator.device.type == "cpu" and used == "fp16":
         logger.warning("mixed_precision=fp16 has no effect on a CPU: training runs in float32.")
-    logger.info("Accelerate: %d process(es), device %s, mixed precision %s.",
-                accelerator.num_processes, accelerator.device, used)
+    logger.info(
+        "Accelerate: %d process(es), device %s, mixed precision %s.",
+        accelerator.num_processes,
+        accelerator.device,
+        used,
+    )
     return accelerator
 
 
@@ -112,10 +130,21 @@ def load_demos(cfg: RiptTrainConfig, accelerator: Accelerator):
     root = Path(cfg.output_dir) / "demos"
     with accelerator.main_process_first():
         if not (root / "meta" / "info.json").exists() and accelerator.is_main_process:
-            result = record_demos(cfg.env.task, cfg.data.num_demos, cfg.data.demo_noise, root,
-                                  seed=0, episode_length=cfg.env.episode_length)
-            logger.info("Recorded %d scripted demos of %s (noise %.2f): %.0f%% successful.",
-                        result.num_episodes, cfg.env.task, cfg.data.demo_noise, 100 * result.success_rate)
+            result = record_demos(
+                cfg.env.task,
+                cfg.data.num_demos,
+                cfg.data.demo_noise,
+                root,
+                seed=0,
+                episode_length=cfg.env.episode_length,
+            )
+            logger.info(
+                "Recorded %d scripted demos of %s (noise %.2f): %.0f%% successful.",
+                result.num_episodes,
+                cfg.env.task,
+                cfg.data.demo_noise,
+                100 * result.success_rate,
+            )
     return LeRobotDataset(f"local/{cfg.env.task}-demos", root=root)
 
 
@@ -142,13 +171,16 @@ def setup(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
     policy, pre, post = build_policy(cfg, demo_ds)
     demo_data = RiptDataset(policy.config.chunk_size, policy.config.target_state_dim)
     demo_data.add_lerobot_dataset(demo_ds, as_demo=True)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.learning_rate,
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = RunState()
+    if accelerator.is_main_process:
+        remove_interrupted_checkpoints(cfg.checkpoints_dir)
     if cfg.resume:
         ckpt = last_checkpoint(cfg.checkpoints_dir)
         if ckpt is None:
@@ -159,9 +191,14 @@ def setup(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
         import os
 
         os.environ.setdefault("WANDB_MODE", cfg.log.wandb_mode)
-        accelerator.init_trackers(cfg.log.wandb_project, config=_flat_config(cfg),
-                                  init_kwargs={"wandb": {"name": cfg.experiment_name, "dir": str(out)}})
-    run = Run(cfg, accelerator, policy, pre, post, optimizer, scheduler, [], state, MetricsWriter(accelerator, out))
+        accelerator.init_trackers(
+            cfg.log.wandb_project,
+            config=_flat_config(cfg),
+            init_kwargs={"wandb": {"name": cfg.experiment_name, "dir": str(out)}},
+        )
+    run = Run(
+        cfg, accelerator, policy, pre, post, optimizer, scheduler, [], state, MetricsWriter(accelerator, out)
+    )
     run.demo_data = demo_data
     return run
 
@@ -180,9 +217,13 @@ def seed_iteration(cfg: RiptTrainConfig, rank: int, iteration: int) -> None:
 def collect(run: Run, collector: GroupedCollector):
     model = run.model
     model.eval()
-    collector.policy = make_chunk_policy(model, run.preprocessor, run.postprocessor,
-                                         guidance_scale=run.cfg.rollout.guidance_scale,
-                                         n_action_steps=model.config.n_action_steps)
+    collector.policy = make_chunk_policy(
+        model,
+        run.preprocessor,
+        run.postprocessor,
+        guidance_scale=run.cfg.rollout.guidance_scale,
+        n_action_steps=model.config.n_action_steps,
+    )
     return collector.collect()
 
 
@@ -190,6 +231,9 @@ def process_advantages(run: Run, episodes: list[EpisodeRecord]) -> tuple[list[fl
     """Processed (non-negative for the weighted objective) per-episode weights and advantage statistics."""
     if not episodes:
         return [], {}
+    if run.cfg.advantage.estimator == "success":
+        for ep in episodes:
+            ep.advantage = 1.0 if ep.success else -1.0
     raw = torch.tensor([ep.advantage for ep in episodes], dtype=torch.float32)
     out = run.cfg.advantage.processor()(raw)
     hist = torch.histc(raw, bins=5, min=-1.0, max=1.0).tolist()
@@ -201,11 +245,24 @@ def process_advantages(run: Run, episodes: list[EpisodeRecord]) -> tuple[list[fl
 def training_batches(run: Run, rollouts: RiptDataset | None, generator: torch.Generator):
     """Samplers for one iteration: rollout frames balanced by episode, plus demo frames labelled good."""
     d = run.cfg.data
+    shares = EpisodeShares(good=d.good_share, bad=d.bad_share, neutral=d.neutral_share, demo=0)
+    if rollouts is not None and not any(
+        getattr(shares, c) > 0 and len(rollouts.episodes_of(c)) for c in ("good", "bad", "neutral")
+    ):
+        # e.g. dynamic sampling off and every group all-failed (only neutral rollouts, neutral_share=0):
+        # like an iteration whose groups were all dropped, train on the demos alone instead of crashing.
+        if run.accelerator.is_main_process:
+            logger.warning(
+                "No rollout of a kind with a positive share (%s); this iteration trains on demos only.",
+                shares,
+            )
+        rollouts = None
     demo_n = d.demo_batch_size if rollouts is not None else d.batch_size
-    demo_sampler = EpisodeBalancedSampler(run.demo_data, EpisodeShares(good=0, bad=0, neutral=0, demo=1), generator)
+    demo_sampler = EpisodeBalancedSampler(
+        run.demo_data, EpisodeShares(good=0, bad=0, neutral=0, demo=1), generator
+    )
     roll_sampler = None
     if rollouts is not None and d.batch_size > demo_n:
-        shares = EpisodeShares(good=d.good_share, bad=d.bad_share, neutral=d.neutral_share, demo=0)
         roll_sampler = EpisodeBalancedSampler(rollouts, shares, generator)
 
     def next_batch() -> dict[str, torch.Tensor]:
@@ -220,10 +277,20 @@ def training_batches(run: Run, rollouts: RiptDataset | None, generator: torch.Ge
     return next_batch
 
 
-def updates(run: Run, next_batch, steps: int) -> dict[str, float]:
+def updates(run: Run, next_batch, steps: int, *, step_scheduler: bool = True) -> dict[str, float]:
     acc = run.accelerator.gradient_accumulation_steps
-    logs = [update_step(run.policy, [next_batch() for _ in range(acc)], run.optimizer, run.scheduler,
-                        run.accelerator, run.cfg.optim.gradient_clip_norm) for _ in range(steps)]
+    scheduler = run.scheduler if step_scheduler else None
+    logs = [
+        update_step(
+            run.policy,
+            [next_batch() for _ in range(acc)],
+            run.optimizer,
+            scheduler,
+            run.accelerator,
+            run.cfg.optim.gradient_clip_norm,
+        )
+        for _ in range(steps)
+    ]
     return {f"train/{k}": float(np.mean([m[k] for m in logs])) for k in logs[-1]}
 
 
@@ -232,35 +299,74 @@ def run_eval(run: Run, iteration: int) -> dict[str, float]:
     from lerobot_ript.envs.metaworld import make_vector_env
 
     cfg, acc = run.cfg, run.accelerator
-    seeds = [cfg.eval.seed_start + i for i in range(cfg.eval.eval_episodes)][acc.process_index :: acc.num_processes]
+    seeds = [cfg.eval.seed_start + i for i in range(cfg.eval.eval_episodes)][
+        acc.process_index :: acc.num_processes
+    ]
     model = run.model
     model.eval()
     t0 = time.perf_counter()
-    policy = make_chunk_policy(model, run.preprocessor, run.postprocessor, guidance_scale=cfg.eval.guidance_scale,
-                               n_action_steps=model.config.n_action_steps)
-    result = evaluate(lambda n: make_vector_env(cfg.env, n), policy, seeds,
-                      num_envs=max(1, min(cfg.eval.num_envs, len(seeds))), max_episode_steps=cfg.env.episode_length)
-    counts = torch.tensor([result.successes.sum(), len(result.successes)], dtype=torch.float64, device=acc.device)
+    policy = make_chunk_policy(
+        model,
+        run.preprocessor,
+        run.postprocessor,
+        guidance_scale=cfg.eval.guidance_scale,
+        n_action_steps=model.config.n_action_steps,
+    )
+    result = evaluate(
+        lambda n: make_vector_env(cfg.env, n),
+        policy,
+        seeds,
+        num_envs=max(1, min(cfg.eval.num_envs, len(seeds))),
+        max_episode_steps=cfg.env.episode_length,
+    )
+    counts = torch.tensor(
+        [result.successes.sum(), len(result.successes)], dtype=torch.float64, device=acc.device
+    )
     counts = acc.reduce(counts, reduction="sum") if acc.num_processes > 1 else counts
     wins, n = int(counts[0]), int(counts[1])
     lo, hi = wilson_interval(wins, n)
-    entry = {"iteration": iteration, "episodes": run.state.episodes_seen, "success_rate": wins / max(n, 1),
-             "ci_low": lo, "ci_high": hi, "n": n}
+    entry = {
+        "iteration": iteration,
+        "episodes": run.state.episodes_seen,
+        "success_rate": wins / max(n, 1),
+        "ci_low": lo,
+        "ci_high": hi,
+        "n": n,
+    }
     run.state.history.append(entry)
     if acc.is_main_process:
-        plot_success(run.state.history, Path(cfg.output_dir) / "success.png", f"{cfg.experiment_name}: {cfg.env.task}")
-    logger.info("eval @ iteration %d: success %.1f%% (95%% CI %.1f-%.1f, %d episodes)",
-                iteration, 100 * entry["success_rate"], 100 * lo, 100 * hi, n)
-    return {"eval/success_rate": entry["success_rate"], "eval/ci_low": lo, "eval/ci_high": hi,
-            "time/eval_s": time.perf_counter() - t0}
+        plot_success(
+            run.state.history, Path(cfg.output_dir) / "success.png", f"{cfg.experiment_name}: {cfg.env.task}"
+        )
+    logger.info(
+        "eval @ iteration %d: success %.1f%% (95%% CI %.1f-%.1f, %d episodes)",
+        iteration,
+        100 * entry["success_rate"],
+        100 * lo,
+        100 * hi,
+        n,
+    )
+    return {
+        "eval/success_rate": entry["success_rate"],
+        "eval/ci_low": lo,
+        "eval/ci_high": hi,
+        "time/eval_s": time.perf_counter() - t0,
+    }
 
 
 def checkpoint(run: Run, collector: GroupedCollector) -> Path:
     run.state.skip_tracker = collector.skip_tracker.state_dict()
     run.state.seed_hash = {str(k): v for k, v in collector._seed_hash.items()}
-    return save_checkpoint(run.cfg.checkpoints_dir, run.state.iteration, accelerator=run.accelerator,
-                           policy=run.policy, preprocessor=run.preprocessor, postprocessor=run.postprocessor,
-                           train_config=run.cfg, ript_state=dataclasses.asdict(run.state))
+    return save_checkpoint(
+        run.cfg.checkpoints_dir,
+        run.state.iteration,
+        accelerator=run.accelerator,
+        policy=run.policy,
+        preprocessor=run.preprocessor,
+        postprocessor=run.postprocessor,
+        train_config=run.cfg,
+        ript_state=dataclasses.asdict(run.state),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -275,11 +381,17 @@ def make_collector(run: Run) -> GroupedCollector:
     if run.state.skip_tracker:
         tracker.load_state_dict(run.state.skip_tracker)
     collector = GroupedCollector(
-        lambda: make_vector_env(cfg.env, r.rloo_batch_size, use_async=r.use_async_envs), policy=None,
-        task=cfg.env.task, group_size=r.rloo_batch_size, num_slots=r.groups_per_round,
-        goal_rollouts=max(1, -(-r.rollout_goal_per_step // world)), max_groups=r.max_groups_per_step,
-        seed_sampler=SeedSampler(r.train_seed_pool, 0, seed=cfg.seed + rank), skip_tracker=tracker,
-        dynamic_sampling=r.enable_dynamic_sampling, max_episode_steps=cfg.env.episode_length,
+        lambda: make_vector_env(cfg.env, r.rloo_batch_size, use_async=r.use_async_envs),
+        policy=None,
+        task=cfg.env.task,
+        group_size=r.rloo_batch_size,
+        num_slots=r.groups_per_round,
+        goal_rollouts=max(1, -(-r.rollout_goal_per_step // world)),
+        max_groups=r.max_groups_per_step,
+        seed_sampler=SeedSampler(r.train_seed_pool, 0, seed=cfg.seed + rank),
+        skip_tracker=tracker,
+        dynamic_sampling=r.enable_dynamic_sampling,
+        max_episode_steps=cfg.env.episode_length,
     )
     collector._seed_hash.update({int(k): v for k, v in run.state.seed_hash.items()})
     return collector
@@ -303,27 +415,36 @@ def train(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
             collector.seed_sampler.rng = np.random.default_rng([cfg.seed, rank, it])
             timings = {}
             t0 = time.perf_counter()
-            result = collect(run, collector)                                   # 1. rollouts
+            result = collect(run, collector)  # 1. rollouts
             timings["time/collect_s"] = time.perf_counter() - t0
-            weights, adv_stats = process_advantages(run, result.episodes)      # 2. advantages
-            run.state.replay = (run.state.replay + [[_ep_to_dict(e, w) for e, w in zip(result.episodes, weights, strict=True)]])[-cfg.data.replay_iterations:]
-            rollouts = _replay_dataset(run)                                    # 3. training batches
+            weights, adv_stats = process_advantages(run, result.episodes)  # 2. advantages
+            if cfg.data.save_rollouts and result.episodes:
+                save_rollouts(run, result.episodes, it)
+            run.state.replay = (
+                run.state.replay
+                + [[_ep_to_dict(e, w) for e, w in zip(result.episodes, weights, strict=True)]]
+            )[-cfg.data.replay_iterations :]
+            rollouts = _replay_dataset(run)  # 3. training batches
             t1 = time.perf_counter()
             gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank * 104_729 + it)
-            train_metrics = updates(run, training_batches(run, rollouts, gen), cfg.optim.update_steps_per_iteration)
-            timings["time/update_s"] = time.perf_counter() - t1                # 4. updates
+            train_metrics = updates(
+                run, training_batches(run, rollouts, gen), cfg.optim.update_steps_per_iteration
+            )
+            timings["time/update_s"] = time.perf_counter() - t1  # 4. updates
             local = {**result.stats.as_dict(), **adv_stats, **train_metrics, **timings}
-            metrics = reduce_metrics(_complete(local), accelerator)           # 5. log
+            metrics = reduce_metrics(_complete(local), accelerator)  # 5. log
             run.state.episodes_seen += int(metrics["rollout/groups_sampled"] * cfg.rollout.rloo_batch_size)
             run.state.iteration = it
             if cfg.eval.eval_interval and it % cfg.eval.eval_interval == 0 and it != cfg.num_train_steps:
-                metrics.update(run_eval(run, it))                             # 6. eval
+                metrics.update(run_eval(run, it))  # 6. eval
             metrics["memory/max_rss_mb"] = _max_rss_mb()
             if it % cfg.log.log_interval == 0 or it == cfg.num_train_steps:
                 run.metrics.log(metrics, step=it)
-                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", success=f"{metrics['rollout/success_rate']:.2f}")
+                bar.set_postfix(
+                    loss=f"{metrics['train/loss']:.3f}", success=f"{metrics['rollout/success_rate']:.2f}"
+                )
             if it % cfg.save_interval == 0 or it == cfg.num_train_steps:
-                checkpoint(run, collector)                                   # 7. checkpoint
+                checkpoint(run, collector)  # 7. checkpoint
             bar.update(1)
     finally:
         bar.close()
@@ -332,7 +453,31 @@ def train(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
         run.metrics.log(run_eval(run, run.state.iteration), step=run.state.iteration)
         if cfg.num_train_steps == 0 or run.state.iteration % cfg.save_interval:
             checkpoint(run, collector)
+    if os.environ.get(CHECKSUM_ENV_VAR) == "1":
+        write_param_checksum(run)
     return run
+
+
+# Test-only: when "1", each rank writes the checksum of the parameters it holds at the end of training to
+# output_dir/param_checksum_rank<r>.txt, so a test can check that every rank ends with the saved model.
+CHECKSUM_ENV_VAR = "LEROBOT_RIPT_TEST_WRITE_CHECKSUMS"
+
+
+def param_checksum(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names and raw bytes of every tensor, in sorted name order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        h.update(name.encode())
+        h.update(state_dict[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_param_checksum(run: Run) -> Path:
+    path = Path(run.cfg.output_dir) / f"param_checksum_rank{run.accelerator.process_index}.txt"
+    path.write_text(param_checksum(run.model.state_dict()) + "\n")
+    return path
 
 
 def sft(run: Run) -> None:
@@ -342,11 +487,30 @@ def sft(run: Run) -> None:
         group["lr"] = cfg.optim.sft_learning_rate
     seed_iteration(cfg, run.accelerator.process_index, 0)
     gen = torch.Generator().manual_seed(cfg.seed + run.accelerator.process_index)
-    metrics = updates(run, training_batches(run, None, gen), cfg.optim.sft_steps)
+    # The RIPT scheduler does not step here: it would reset the lr to its own base (optim.learning_rate).
+    metrics = updates(run, training_batches(run, None, gen), cfg.optim.sft_steps, step_scheduler=False)
     for group in run.optimizer.param_groups:
         group["lr"] = cfg.optim.learning_rate
     run.state.sft_done = True
-    run.metrics.log({f"sft/{k.split('/', 1)[1]}": v for k, v in reduce_metrics(metrics, run.accelerator).items()}, 0)
+    run.metrics.log(
+        {f"sft/{k.split('/', 1)[1]}": v for k, v in reduce_metrics(metrics, run.accelerator).items()}, 0
+    )
+
+
+def save_rollouts(run: Run, episodes: list[EpisodeRecord], iteration: int) -> Path:
+    """This rank's rollouts of one iteration as a LeRobotDataset v3 with per-frame advantages and init_hash."""
+    from lerobot_ript.data.writer import write_episodes
+
+    rank = run.accelerator.process_index
+    root = Path(run.cfg.output_dir) / "rollouts" / f"iter_{iteration:06d}_rank{rank}"
+    if root.exists():  # a resumed run rewrites the iteration it replays
+        import shutil
+
+        shutil.rmtree(root)
+    write_episodes(
+        episodes, root, f"local/{run.cfg.experiment_name}-rollouts", run.cfg.env.fps, with_advantages=True
+    )
+    return root
 
 
 def _replay_dataset(run: Run) -> RiptDataset | None:
@@ -359,26 +523,57 @@ def _replay_dataset(run: Run) -> RiptDataset | None:
 
 
 def _ep_to_dict(ep: EpisodeRecord, weight: float) -> dict:
-    return {"task": ep.task, "states": ep.states.tolist(), "actions": ep.actions.tolist(),
-            "rewards": ep.rewards.tolist(), "success": bool(ep.success), "init_hash": int(ep.init_hash),
-            "advantage": float(ep.advantage), "weight": float(weight)}
+    return {
+        "task": ep.task,
+        "states": ep.states.tolist(),
+        "actions": ep.actions.tolist(),
+        "rewards": ep.rewards.tolist(),
+        "success": bool(ep.success),
+        "init_hash": int(ep.init_hash),
+        "advantage": float(ep.advantage),
+        "weight": float(weight),
+    }
 
 
 def _ep_from_dict(d: dict) -> EpisodeRecord:
-    return EpisodeRecord(task=d["task"], states=np.asarray(d["states"], np.float32),
-                         actions=np.asarray(d["actions"], np.float32), rewards=np.asarray(d["rewards"], np.float32),
-                         success=d["success"], init_hash=d["init_hash"], advantage=d["advantage"])
+    return EpisodeRecord(
+        task=d["task"],
+        states=np.asarray(d["states"], np.float32),
+        actions=np.asarray(d["actions"], np.float32),
+        rewards=np.asarray(d["rewards"], np.float32),
+        success=d["success"],
+        init_hash=d["init_hash"],
+        advantage=d["advantage"],
+    )
 
 
-_TRAIN_KEYS = ("train/loss", "train/grad_norm", "train/lr", "train/update_s", "train/share_good", "train/share_bad")
+_TRAIN_KEYS = (
+    "train/loss",
+    "train/grad_norm",
+    "train/lr",
+    "train/update_s",
+    "train/share_good",
+    "train/share_bad",
+)
 
 
 def _complete(metrics: dict[str, float]) -> dict[str, float]:
     """Same keys on every rank (a rank with no rollouts has no advantage stats): fill gaps with NaN."""
     from lerobot_ript.advantages import AdvantageOutput  # noqa: F401  (documents where the stats come from)
 
-    keys = [f"advantage/{k}" for k in ("mean", "std", "min", "max", "share_clipped", "share_nonfinite",
-                                        "share_positive", "share_negative")]
+    keys = [
+        f"advantage/{k}"
+        for k in (
+            "mean",
+            "std",
+            "min",
+            "max",
+            "share_clipped",
+            "share_nonfinite",
+            "share_positive",
+            "share_negative",
+        )
+    ]
     keys += [f"advantage/hist_{i}" for i in range(5)]
     return {**{k: float("nan") for k in keys}, **metrics}
 
@@ -398,7 +593,9 @@ def _flat_config(cfg: RiptTrainConfig) -> dict:
             if isinstance(v, dict):
                 out.update(flat(v, f"{prefix}{k}."))
             else:
-                out[f"{prefix}{k}"] = v if isinstance(v, int | float | str | bool | type(None)) else json.dumps(v, default=str)
+                out[f"{prefix}{k}"] = (
+                    v if isinstance(v, int | float | str | bool | type(None)) else json.dumps(v, default=str)
+                )
         return out
 
     return redact_secrets(flat(json.loads(json.dumps(dataclasses.asdict(cfg), default=str))))

@@ -15,8 +15,15 @@ logger = logging.getLogger(__name__)
 
 # How each metric reduces across processes: timings take the max, counts the sum, the rest the mean.
 _MAX_SUFFIXES = ("_s", "_time")
-_SUM_SUFFIXES = ("env_steps", "groups_sampled", "groups_kept", "groups_dropped", "groups_faulted",
-                 "skipped_states", "rollouts_kept")
+_SUM_SUFFIXES = (
+    "env_steps",
+    "groups_sampled",
+    "groups_kept",
+    "groups_dropped",
+    "groups_faulted",
+    "skipped_states",
+    "rollouts_kept",
+)
 
 
 def reduce_metrics(metrics: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
