@@ -1,0 +1,71 @@
+"""record_demos: noisy scripted-expert episodes of push-v3 written as a LeRobotDataset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("metaworld")
+
+from lerobot_ript.data.record_demos import main, record_demos  # noqa: E402
+from lerobot_ript.data.writer import init_hash_of  # noqa: E402
+
+
+def _episode_columns(dataset, column: str) -> list[np.ndarray]:
+    hf = dataset.hf_dataset.with_format("numpy")
+    ep_index = np.asarray(hf["episode_index"])
+    values = np.asarray(hf[column])
+    return [values[ep_index == i] for i in range(dataset.num_episodes)]
+
+
+def test_record_three_noisy_push_demos(tmp_path):
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    result = record_demos("push-v3", 3, 0.3, tmp_path / "demos", seed=0)
+    assert result.num_episodes == 3 and result.dataset_root == tmp_path / "demos"
+    dataset = LeRobotDataset("local/push-v3-demos", root=result.dataset_root)
+    assert dataset.num_episodes == 3 and dataset.fps == 80
+    assert "advantages" not in dataset.features
+    successes = [bool(col.reshape(-1)[0]) for col in _episode_columns(dataset, "success")]
+    assert result.success_rate == pytest.approx(np.mean(successes))
+    assert any(successes), "the noisy expert solves some of seeds 0..2"
+    for success, flags, col in zip(
+        successes,
+        _episode_columns(dataset, "next.success"),
+        _episode_columns(dataset, "success"),
+        strict=True,
+    ):
+        flags = flags.reshape(-1)
+        assert (col.reshape(-1) == success).all()
+        assert flags[-1] == success  # episodes end on their first success (terminate_on_success)
+        assert not flags[:-1].any()
+        assert len(flags) < 200 if success else len(flags) == 200
+    states = _episode_columns(dataset, "observation.state")
+    hashes = [int(h.reshape(-1)[0]) for h in _episode_columns(dataset, "init_hash")]
+    assert hashes == [init_hash_of("push-v3", np.stack(s)[0]) for s in states]
+    assert len(set(hashes)) == 3  # seeds 0, 1, 2: three initial states
+    actions = np.concatenate([np.stack(a) for a in _episode_columns(dataset, "action")])
+    assert np.abs(actions).max() <= 1.0
+    assert dataset[0]["task"] == "push-v3"
+
+
+def test_cli_records_and_is_reproducible(tmp_path):
+    args = ["--task", "push-v3", "--episodes", "1", "--noise", "0.3", "--episode-length", "15"]
+    assert main([*args, "--output", str(tmp_path / "a"), "--repo-id", "local/a"]) == 0
+    assert main([*args, "--output", str(tmp_path / "b"), "--repo-id", "local/b"]) == 0
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    a = LeRobotDataset("local/a", root=tmp_path / "a")
+    b = LeRobotDataset("local/b", root=tmp_path / "b")
+    assert a.num_frames == 15
+    np.testing.assert_array_equal(np.stack(a.hf_dataset["action"]), np.stack(b.hf_dataset["action"]))
+
+
+def test_invalid_arguments_fail_fast(tmp_path):
+    with pytest.raises(ValueError, match="episodes"):
+        record_demos("push-v3", 0, 0.3, tmp_path / "x")
+    with pytest.raises(ValueError, match="noise"):
+        record_demos("push-v3", 1, -0.1, tmp_path / "x")
+    with pytest.raises(ValueError, match="Did you mean 'push-v3'"):
+        record_demos("push-v4", 1, 0.3, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
