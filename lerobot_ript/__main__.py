@@ -14,7 +14,6 @@ logger = logging.getLogger("lerobot_ript")
 
 EXTRAS = {
     "metaworld": (("metaworld", "mujoco"), 'pip install "lerobot_policy_ript[metaworld]"'),
-    "vla": (("transformers", "scipy"), 'pip install "lerobot_policy_ript[vla]"'),
     "dev": (("pytest", "hypothesis", "ruff"), 'pip install "lerobot_policy_ript[dev]"'),
 }
 

@@ -11,7 +11,9 @@ from lerobot.optim.schedulers import CosineDecayWithWarmupSchedulerConfig
 from lerobot.utils.constants import ACTION
 
 OBJECTIVES = ("cfg", "cfgrl", "weighted")
-BACKBONES = ("small", "pi0", "pi05", "smolvla")
+BACKBONES = ("small",)
+# Planned behind the same seam (lerobot_ript/policy/backbones/base.py); not available in this release.
+PLANNED_BACKBONES = ("pi0", "pi05", "smolvla")
 
 
 def _choice_error(field_name: str, value: str, valid: tuple[str, ...]) -> ValueError:
@@ -49,8 +51,8 @@ class RiptConfig(PreTrainedConfig):
         }
     )
 
-    # Backbone behind the backbone seam: "small" (built-in, runs on a CPU) or a LeRobot VLA
-    # ("pi0", "pi05", "smolvla"; GPU, needs `lerobot_policy_ript[vla]` and their weights).
+    # Backbone behind the backbone seam: "small" (built-in, runs on a CPU). The LeRobot VLA wrappers
+    # ("pi0", "pi05", "smolvla") are planned behind the same seam and are not available yet.
     backbone: str = "small"
     # Width of the small backbone's observation encoder and denoiser (>= 8).
     hidden_dim: int = 256
@@ -113,6 +115,11 @@ class RiptConfig(PreTrainedConfig):
         """Fail fast, with the fix in the message, on values that would break training or sampling."""
         if self.objective not in OBJECTIVES:
             raise _choice_error("objective", self.objective, OBJECTIVES)
+        if self.backbone in PLANNED_BACKBONES:
+            raise ValueError(
+                f"backbone={self.backbone!r}: the pi0 / pi05 / SmolVLA wrappers are not part of this release yet "
+                "(they plug into RiptBackbone in lerobot_ript/policy/backbones/base.py). Use backbone='small'."
+            )
         if self.backbone not in BACKBONES:
             raise _choice_error("backbone", self.backbone, BACKBONES)
         if self.n_obs_steps != 1:

@@ -44,6 +44,8 @@ class RolloutConfig:
     guidance_scale: float = 1.0
     # Training initial states are seeds in [0, train_seed_pool) (held-out evaluation uses eval.seed_start+).
     train_seed_pool: int = 200
+    # Stop training once this many rollouts (all processes) were collected; 0 = no limit (equal-budget runs).
+    max_train_episodes: int = 0
     # Use gymnasium AsyncVectorEnv (processes) instead of SyncVectorEnv; sync is faster on 2 cores.
     use_async_envs: bool = False
 
@@ -127,6 +129,8 @@ class OptimConfig:
 class EvalConfig:
     # Evaluate every N iterations (0: only before and after training).
     eval_interval: int = 5
+    # Evaluate before the first RIPT iteration (the start point of the success curve).
+    eval_at_start: bool = True
     # Held-out episodes per evaluation (>= 1); 200 gives about +-7 points.
     eval_episodes: int = 50
     # Guidance scale w (>= 0) at evaluation.

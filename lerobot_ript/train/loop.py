@@ -277,20 +277,27 @@ def training_batches(run: Run, rollouts: RiptDataset | None, generator: torch.Ge
     return next_batch
 
 
-def updates(run: Run, next_batch, steps: int, *, step_scheduler: bool = True) -> dict[str, float]:
+def updates(
+    run: Run, next_batch, steps: int, *, step_scheduler: bool = True, desc: str | None = None
+) -> dict[str, float]:
+    """`steps` optimizer steps; a progress bar on the main process when `desc` is given."""
     acc = run.accelerator.gradient_accumulation_steps
     scheduler = run.scheduler if step_scheduler else None
-    logs = [
-        update_step(
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc=desc, disable=desc is None or not run.accelerator.is_main_process, leave=False)
+    logs = []
+    for _ in range(steps):
+        logs.append(update_step(
             run.policy,
             [next_batch() for _ in range(acc)],
             run.optimizer,
             scheduler,
             run.accelerator,
             run.cfg.optim.gradient_clip_norm,
-        )
-        for _ in range(steps)
-    ]
+        ))
+        bar.update(1)
+    bar.close()
     return {f"train/{k}": float(np.mean([m[k] for m in logs])) for k in logs[-1]}
 
 
@@ -402,7 +409,7 @@ def train(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
     rank, main = accelerator.process_index, accelerator.is_main_process
     if not run.state.sft_done and not cfg.checkpoint_path and cfg.optim.sft_steps > 0:
         sft(run)
-    if not run.state.history:
+    if not run.state.history and cfg.eval.eval_at_start:
         run.metrics.log(run_eval(run, 0), step=0)
     collector = make_collector(run)
     from tqdm.auto import tqdm
@@ -443,16 +450,21 @@ def train(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
                 bar.set_postfix(
                     loss=f"{metrics['train/loss']:.3f}", success=f"{metrics['rollout/success_rate']:.2f}"
                 )
-            if it % cfg.save_interval == 0 or it == cfg.num_train_steps:
+            budget_spent = 0 < cfg.rollout.max_train_episodes <= run.state.episodes_seen
+            if it % cfg.save_interval == 0 or it == cfg.num_train_steps or budget_spent:
                 checkpoint(run, collector)  # 7. checkpoint
             bar.update(1)
+            if budget_spent:
+                logger.info("rollout.max_train_episodes reached after %d iterations.", it)
+                break
     finally:
         bar.close()
         collector.close()
-    if not run.state.history or run.state.history[-1]["iteration"] != run.state.iteration:
+    final_eval = not run.state.history or run.state.history[-1]["iteration"] != run.state.iteration
+    if final_eval:
         run.metrics.log(run_eval(run, run.state.iteration), step=run.state.iteration)
-        if cfg.num_train_steps == 0 or run.state.iteration % cfg.save_interval:
-            checkpoint(run, collector)
+    if final_eval or last_checkpoint(cfg.checkpoints_dir) is None:
+        checkpoint(run, collector)
     if os.environ.get(CHECKSUM_ENV_VAR) == "1":
         write_param_checksum(run)
     return run
@@ -488,7 +500,9 @@ def sft(run: Run) -> None:
     seed_iteration(cfg, run.accelerator.process_index, 0)
     gen = torch.Generator().manual_seed(cfg.seed + run.accelerator.process_index)
     # The RIPT scheduler does not step here: it would reset the lr to its own base (optim.learning_rate).
-    metrics = updates(run, training_batches(run, None, gen), cfg.optim.sft_steps, step_scheduler=False)
+    metrics = updates(
+        run, training_batches(run, None, gen), cfg.optim.sft_steps, step_scheduler=False, desc="SFT on demos"
+    )
     for group in run.optimizer.param_groups:
         group["lr"] = cfg.optim.learning_rate
     run.state.sft_done = True

@@ -6,13 +6,12 @@ from lerobot_ript.policy.backbones.base import RiptBackbone
 
 
 def make_backbone(config) -> RiptBackbone:
-    if config.backbone == "small":
-        from lerobot_ript.policy.backbones.small import SmallBackbone
+    """The backbone named by `config.backbone` (validated by RiptConfig: only "small" exists today)."""
+    from lerobot_ript.policy.backbones.small import SmallBackbone
 
-        return SmallBackbone(config)
-    from lerobot_ript.policy.backbones.vla import make_vla_backbone
-
-    return make_vla_backbone(config)
+    if config.backbone != "small":
+        raise ValueError(f"backbone={config.backbone!r} is not available; use 'small'.")
+    return SmallBackbone(config)
 
 
 __all__ = ["RiptBackbone", "make_backbone"]

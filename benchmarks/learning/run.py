@@ -1,0 +1,157 @@
+"""Learning benchmark: SFT -> RIPT against five baselines at an equal budget of environment episodes.
+
+    python benchmarks/learning/run.py sft                 # demos + the shared SFT checkpoint (+ held-out eval)
+    python benchmarks/learning/run.py arm --arm ript --seed 0
+    python benchmarks/learning/run.py report              # RESULTS.md + success.png from every finished run
+    python benchmarks/learning/run.py all [--quick] [--seeds 0 1 2] [--arms ript bc ...]
+
+Every arm starts from the same SFT checkpoint and stops after `rollout.max_train_episodes` training rollouts;
+success is measured on held-out initial states (seeds >= 1,000,000, never trained on) with 200 episodes per
+point and a 95% Wilson interval. `--quick` shrinks everything to a seconds-long smoke run (used by the tests;
+its numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BASE = HERE / "base.yaml"
+
+ARMS: dict[str, tuple[str, list[str]]] = {
+    "ript": ("RIPT (defaults: RLOO, dynamic sampling, cfg objective, label dropout)", []),
+    "bc": ("continued behaviour cloning on the demos", ["--data.demo_batch_size=256"]),
+    "filtered": (
+        "success-filtered fine-tuning on own successful rollouts",
+        ["--advantage.estimator=success", "--data.bad_share=0", "--rollout.enable_dynamic_sampling=false"],
+    ),
+    "no_dynamic": ("RIPT without dynamic sampling", ["--rollout.enable_dynamic_sampling=false"]),
+    "no_guidance": (
+        "RIPT without guidance (w = 1, no label dropout)",
+        ["--policy.cfg_dropout_prob=0", "--rollout.guidance_scale=1", "--eval.guidance_scale=1"],
+    ),
+    "weighted": (
+        "advantage-weighted flow matching (standard normalisation, softplus negatives)",
+        ["--policy.objective=weighted", "--advantage.normalization=standard", "--advantage.negative_handling=softplus"],
+    ),
+}
+
+QUICK = [
+    "--env.episode_length=30", "--rollout.rloo_batch_size=2", "--rollout.groups_per_round=2",
+    "--rollout.rollout_goal_per_step=4", "--rollout.max_groups_per_step=2", "--rollout.max_train_episodes=8",
+    "--data.num_demos=2", "--data.batch_size=16", "--data.demo_batch_size=4", "--optim.sft_steps=3",
+    "--optim.update_steps_per_iteration=2", "--eval.eval_episodes=2", "--eval.num_envs=2", "--eval.eval_interval=1",
+    "--policy.hidden_dim=32", "--policy.cond_dim=16", "--policy.num_denoiser_layers=1",
+]
+
+
+def _train(args: list[str], log: Path) -> float:
+    cmd = [sys.executable, "-m", "lerobot_ript.train", "--config_path", str(BASE), *args]
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise SystemExit(f"training failed ({code}); see {log}. Command: {' '.join(cmd)}")
+    return time.perf_counter() - t0
+
+
+def sft(out: Path, quick: bool) -> Path:
+    """Record demos and SFT once; the checkpoint every arm starts from."""
+    run_dir = out / "sft"
+    ckpt = run_dir / "checkpoints" / "last" / "pretrained_model"
+    if ckpt.exists():
+        return run_dir
+    args = [f"--output_dir={run_dir}", "--num_train_steps=0", "--experiment_name=sft", "--eval.eval_at_start=true"]
+    wall = _train(args + (QUICK if quick else []), out / "sft.log")
+    (run_dir / "wall_time_s.txt").write_text(f"{wall:.1f}\n")
+    return run_dir
+
+
+def arm(out: Path, name: str, seed: int, quick: bool) -> Path:
+    sft_dir = sft(out, quick)
+    run_dir = out / f"{name}_seed{seed}"
+    if (run_dir / "result.json").exists():
+        return run_dir
+    _, overrides = ARMS[name]
+    args = [
+        f"--output_dir={run_dir}", f"--seed={seed}", f"--experiment_name={name}",
+        f"--checkpoint_path={sft_dir / 'checkpoints' / 'last' / 'pretrained_model'}",
+        "--data.dataset_id=local/demos", f"--data.dataset_root={sft_dir / 'demos'}",
+    ]
+    wall = _train(args + (QUICK if quick else []) + overrides, out / f"{name}_seed{seed}.log")
+    history = json.loads(sorted((run_dir / "checkpoints").glob("0*/training_state/ript_state_0.json"))[-1].read_text())["history"]
+    (run_dir / "result.json").write_text(json.dumps({"arm": name, "seed": seed, "wall_time_s": wall,
+                                                     "history": history}, indent=1))
+    return run_dir
+
+
+def report(out: Path) -> Path:
+    """RESULTS.md (table) and success.png (success against training episodes, every arm) from the runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*_seed*/result.json"))]
+    sft_state = sorted((out / "sft" / "checkpoints").glob("0*/training_state/ript_state_0.json"))
+    sft_hist = json.loads(sft_state[-1].read_text())["history"] if sft_state else []
+    lines = ["# Learning benchmark: SFT -> RIPT against baselines (push-v3, held-out initial states)", "",
+             f"Command: `python benchmarks/learning/run.py all` (settings: `benchmarks/learning/base.yaml`, arms in "
+             "`run.py`). Success on held-out seeds (>= 1,000,000), 95% Wilson interval.", ""]
+    if sft_hist:
+        h = sft_hist[-1]
+        lines.append(f"SFT start: {100 * h['success_rate']:.1f}% ({100 * h['ci_low']:.1f}-{100 * h['ci_high']:.1f}), "
+                     f"{h['n']} episodes.\n")
+    lines += ["| arm | seed | final success % (95% CI) | training episodes | eval episodes | wall time (min) |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        h = r["history"][-1]
+        lines.append(f"| {r['arm']} | {r['seed']} | {100 * h['success_rate']:.1f} ({100 * h['ci_low']:.1f}-"
+                     f"{100 * h['ci_high']:.1f}) | {h['episodes']} | {h['n']} | {r['wall_time_s'] / 60:.1f} |")
+        xs = [p["episodes"] for p in r["history"]]
+        ax.plot(xs, [p["success_rate"] for p in r["history"]], marker="o", label=f"{r['arm']} s{r['seed']}")
+    ax.set_xlabel("training episodes")
+    ax.set_ylabel("held-out success rate")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "success.png", dpi=100)
+    plt.close(fig)
+    path = out / "RESULTS.md"
+    path.write_text("\n".join(lines) + "\n\nArms:\n" + "\n".join(f"- `{k}`: {v[0]}" for k, v in ARMS.items()) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["sft", "arm", "report", "all"])
+    p.add_argument("--arm", choices=sorted(ARMS), default="ript")
+    p.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(ARMS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", type=Path, default=HERE / "runs")
+    p.add_argument("--quick", action="store_true", help="seconds-long smoke run (numbers mean nothing)")
+    a = p.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.command == "sft":
+        sft(a.out, a.quick)
+    elif a.command == "arm":
+        arm(a.out, a.arm, a.seed, a.quick)
+    elif a.command == "all":
+        for seed in a.seeds:
+            for name in a.arms:
+                arm(a.out, name, seed, a.quick)
+    path = report(a.out)
+    sys.stdout.write(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
