@@ -37,16 +37,32 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     ),
     "weighted": (
         "advantage-weighted flow matching (standard normalisation, softplus negatives)",
-        ["--policy.objective=weighted", "--advantage.normalization=standard", "--advantage.negative_handling=softplus"],
+        [
+            "--policy.objective=weighted",
+            "--advantage.normalization=standard",
+            "--advantage.negative_handling=softplus",
+        ],
     ),
 }
 
 QUICK = [
-    "--env.episode_length=30", "--rollout.rloo_batch_size=2", "--rollout.groups_per_round=2",
-    "--rollout.rollout_goal_per_step=4", "--rollout.max_groups_per_step=2", "--rollout.max_train_episodes=8",
-    "--data.num_demos=2", "--data.batch_size=16", "--data.demo_batch_size=4", "--optim.sft_steps=3",
-    "--optim.update_steps_per_iteration=2", "--eval.eval_episodes=2", "--eval.num_envs=2", "--eval.eval_interval=1",
-    "--policy.hidden_dim=32", "--policy.cond_dim=16", "--policy.num_denoiser_layers=1",
+    "--env.episode_length=30",
+    "--rollout.rloo_batch_size=2",
+    "--rollout.groups_per_round=2",
+    "--rollout.rollout_goal_per_step=4",
+    "--rollout.max_groups_per_step=2",
+    "--rollout.max_train_episodes=8",
+    "--data.num_demos=2",
+    "--data.batch_size=16",
+    "--data.demo_batch_size=4",
+    "--optim.sft_steps=3",
+    "--optim.update_steps_per_iteration=2",
+    "--eval.eval_episodes=2",
+    "--eval.num_envs=2",
+    "--eval.eval_interval=1",
+    "--policy.hidden_dim=32",
+    "--policy.cond_dim=16",
+    "--policy.num_denoiser_layers=1",
 ]
 
 
@@ -66,7 +82,12 @@ def sft(out: Path, quick: bool) -> Path:
     ckpt = run_dir / "checkpoints" / "last" / "pretrained_model"
     if ckpt.exists():
         return run_dir
-    args = [f"--output_dir={run_dir}", "--num_train_steps=0", "--experiment_name=sft", "--eval.eval_at_start=true"]
+    args = [
+        f"--output_dir={run_dir}",
+        "--num_train_steps=0",
+        "--experiment_name=sft",
+        "--eval.eval_at_start=true",
+    ]
     wall = _train(args + (QUICK if quick else []), out / "sft.log")
     (run_dir / "wall_time_s.txt").write_text(f"{wall:.1f}\n")
     return run_dir
@@ -79,14 +100,20 @@ def arm(out: Path, name: str, seed: int, quick: bool) -> Path:
         return run_dir
     _, overrides = ARMS[name]
     args = [
-        f"--output_dir={run_dir}", f"--seed={seed}", f"--experiment_name={name}",
+        f"--output_dir={run_dir}",
+        f"--seed={seed}",
+        f"--experiment_name={name}",
         f"--checkpoint_path={sft_dir / 'checkpoints' / 'last' / 'pretrained_model'}",
-        "--data.dataset_id=local/demos", f"--data.dataset_root={sft_dir / 'demos'}",
+        "--data.dataset_id=local/demos",
+        f"--data.dataset_root={sft_dir / 'demos'}",
     ]
     wall = _train(args + (QUICK if quick else []) + overrides, out / f"{name}_seed{seed}.log")
-    history = json.loads(sorted((run_dir / "checkpoints").glob("0*/training_state/ript_state_0.json"))[-1].read_text())["history"]
-    (run_dir / "result.json").write_text(json.dumps({"arm": name, "seed": seed, "wall_time_s": wall,
-                                                     "history": history}, indent=1))
+    history = json.loads(
+        sorted((run_dir / "checkpoints").glob("0*/training_state/ript_state_0.json"))[-1].read_text()
+    )["history"]
+    (run_dir / "result.json").write_text(
+        json.dumps({"arm": name, "seed": seed, "wall_time_s": wall, "history": history}, indent=1)
+    )
     return run_dir
 
 
@@ -100,20 +127,30 @@ def report(out: Path) -> Path:
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*_seed*/result.json"))]
     sft_state = sorted((out / "sft" / "checkpoints").glob("0*/training_state/ript_state_0.json"))
     sft_hist = json.loads(sft_state[-1].read_text())["history"] if sft_state else []
-    lines = ["# Learning benchmark: SFT -> RIPT against baselines (push-v3, held-out initial states)", "",
-             f"Command: `python benchmarks/learning/run.py all` (settings: `benchmarks/learning/base.yaml`, arms in "
-             "`run.py`). Success on held-out seeds (>= 1,000,000), 95% Wilson interval.", ""]
+    lines = [
+        "# Learning benchmark: SFT -> RIPT against baselines (push-v3, held-out initial states)",
+        "",
+        "Command: `python benchmarks/learning/run.py all` (settings: `benchmarks/learning/base.yaml`, arms in "
+        "`run.py`). Success on held-out seeds (>= 1,000,000), 95% Wilson interval.",
+        "",
+    ]
     if sft_hist:
         h = sft_hist[-1]
-        lines.append(f"SFT start: {100 * h['success_rate']:.1f}% ({100 * h['ci_low']:.1f}-{100 * h['ci_high']:.1f}), "
-                     f"{h['n']} episodes.\n")
-    lines += ["| arm | seed | final success % (95% CI) | training episodes | eval episodes | wall time (min) |",
-              "| --- | --- | --- | --- | --- | --- |"]
+        lines.append(
+            f"SFT start: {100 * h['success_rate']:.1f}% ({100 * h['ci_low']:.1f}-{100 * h['ci_high']:.1f}), "
+            f"{h['n']} episodes.\n"
+        )
+    lines += [
+        "| arm | seed | final success % (95% CI) | training episodes | eval episodes | wall time (min) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
         h = r["history"][-1]
-        lines.append(f"| {r['arm']} | {r['seed']} | {100 * h['success_rate']:.1f} ({100 * h['ci_low']:.1f}-"
-                     f"{100 * h['ci_high']:.1f}) | {h['episodes']} | {h['n']} | {r['wall_time_s'] / 60:.1f} |")
+        lines.append(
+            f"| {r['arm']} | {r['seed']} | {100 * h['success_rate']:.1f} ({100 * h['ci_low']:.1f}-"
+            f"{100 * h['ci_high']:.1f}) | {h['episodes']} | {h['n']} | {r['wall_time_s'] / 60:.1f} |"
+        )
         xs = [p["episodes"] for p in r["history"]]
         ax.plot(xs, [p["success_rate"] for p in r["history"]], marker="o", label=f"{r['arm']} s{r['seed']}")
     ax.set_xlabel("training episodes")
@@ -125,7 +162,9 @@ def report(out: Path) -> Path:
     fig.savefig(out / "success.png", dpi=100)
     plt.close(fig)
     path = out / "RESULTS.md"
-    path.write_text("\n".join(lines) + "\n\nArms:\n" + "\n".join(f"- `{k}`: {v[0]}" for k, v in ARMS.items()) + "\n")
+    path.write_text(
+        "\n".join(lines) + "\n\nArms:\n" + "\n".join(f"- `{k}`: {v[0]}" for k, v in ARMS.items()) + "\n"
+    )
     return path
 
 

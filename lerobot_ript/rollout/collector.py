@@ -93,9 +93,8 @@ class _Slot:
     obs: dict | None = None
     done: np.ndarray | None = None  # (K,) bool
     success: np.ndarray | None = None  # (K,) bool
-    steps: list = field(
-        default_factory=list
-    )  # per step: (states (K,S), actions (K,A), rewards (K,), alive (K,))
+    # per step: (states (K, S), actions (K, A), rewards (K,), alive (K,))
+    steps: list = field(default_factory=list)
     images: list = field(default_factory=list)
     faulted: bool = False
 
@@ -156,9 +155,8 @@ class GroupedCollector:
         t0 = time.perf_counter()
         while stats.groups_sampled < self.max_groups:
             n = min(len(self.slots), self.max_groups - stats.groups_sampled)
-            if (
-                not self.dynamic_sampling
-            ):  # every finished group is kept: start only the groups the goal needs
+            if not self.dynamic_sampling:
+                # every finished group is kept: start only the groups the goal still needs
                 n = min(n, -(-(self.goal - sum(len(g) for g in kept)) // self.k))
             active = [s for s in self.slots[:n] if self._start_group(s, stats)]
             self._run_round(active, stats)
