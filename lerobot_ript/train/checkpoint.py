@@ -66,10 +66,17 @@ def save_checkpoint(
         os._exit(17)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
+        old = None
+        if final.exists():  # re-saving an iteration: move the old copy aside, never leave `last` dangling
+            old = checkpoints_dir / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            if (checkpoints_dir / "last").resolve().name == final.name:
+                update_last_link(checkpoints_dir, old.name)
         os.replace(tmp, final)
         update_last_link(checkpoints_dir, final.name)
+        if old is not None:
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 

@@ -188,8 +188,6 @@ def setup(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
         state = RunState(**load_training_state(ckpt, accelerator))
         logger.info("Resumed from %s at iteration %d.", ckpt, state.iteration)
     if cfg.log.enable_wandb:
-        import os
-
         os.environ.setdefault("WANDB_MODE", cfg.log.wandb_mode)
         accelerator.init_trackers(
             cfg.log.wandb_project,
@@ -285,17 +283,21 @@ def updates(
     scheduler = run.scheduler if step_scheduler else None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, desc=desc, disable=desc is None or not run.accelerator.is_main_process, leave=False)
+    bar = tqdm(
+        total=steps, desc=desc, disable=desc is None or not run.accelerator.is_main_process, leave=False
+    )
     logs = []
     for _ in range(steps):
-        logs.append(update_step(
-            run.policy,
-            [next_batch() for _ in range(acc)],
-            run.optimizer,
-            scheduler,
-            run.accelerator,
-            run.cfg.optim.gradient_clip_norm,
-        ))
+        logs.append(
+            update_step(
+                run.policy,
+                [next_batch() for _ in range(acc)],
+                run.optimizer,
+                scheduler,
+                run.accelerator,
+                run.cfg.optim.gradient_clip_norm,
+            )
+        )
         bar.update(1)
     bar.close()
     return {f"train/{k}": float(np.mean([m[k] for m in logs])) for k in logs[-1]}
@@ -451,7 +453,10 @@ def train(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
                     loss=f"{metrics['train/loss']:.3f}", success=f"{metrics['rollout/success_rate']:.2f}"
                 )
             budget_spent = 0 < cfg.rollout.max_train_episodes <= run.state.episodes_seen
-            if it % cfg.save_interval == 0 or it == cfg.num_train_steps or budget_spent:
+            last_iteration = (
+                it == cfg.num_train_steps or budget_spent
+            )  # saved once below, after the final eval
+            if it % cfg.save_interval == 0 and not last_iteration:
                 checkpoint(run, collector)  # 7. checkpoint
             bar.update(1)
             if budget_spent:
@@ -463,7 +468,8 @@ def train(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
     final_eval = not run.state.history or run.state.history[-1]["iteration"] != run.state.iteration
     if final_eval:
         run.metrics.log(run_eval(run, run.state.iteration), step=run.state.iteration)
-    if final_eval or last_checkpoint(cfg.checkpoints_dir) is None:
+    saved = last_checkpoint(cfg.checkpoints_dir)
+    if final_eval or saved is None or saved.name != f"{run.state.iteration:06d}":
         checkpoint(run, collector)
     if os.environ.get(CHECKSUM_ENV_VAR) == "1":
         write_param_checksum(run)

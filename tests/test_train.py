@@ -1,0 +1,713 @@
+"""The training script (`python -m lerobot_ript.train`) end to end, through the real CLI in subprocesses.
+
+- config validation, in-process and before any process group starts;
+- a debug run: LeRobot-layout checkpoints that reload in a fresh process, metrics, plot, wandb offline run,
+  push to a local Hub server (tests/hub_server.py), and a run whose Hub is down;
+- `lerobot-eval` on a checkpoint (slow);
+- exact resume after SIGKILL and atomic checkpoints under fault injection (slow);
+- `update_step`: gradient accumulation equals one big batch, one optimizer step per call.
+
+Each CLI run takes 20-45 s on a 2-core machine (mostly imports, demo recording, env builds and evaluation), so
+one debug run is shared by several tests (`debug_run`, module scope), each checking one concern. The 2-process
+`accelerate launch` run is in test_train_multiprocess.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from hub_server import LocalHubServer
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEBUG_YAML = REPO_ROOT / "configs" / "debug.yaml"
+TOKEN = "hf_FAKEtoken1234567890"
+HUB_REPO = "user/ript-debug"
+RUN_TIMEOUT_S = 600
+
+# Overrides of configs/debug.yaml that keep a run small: 1 demo, 20-step episodes, one group of K=2 per
+# iteration, 1 optimizer step per iteration on 8 frames, 1 held-out episode per evaluation. Dynamic sampling is
+# off so that rollouts (all-failed, zero-advantage groups included) reach the advantage phase and its statistics.
+TINY = (
+    "--env.episode_length=20",
+    "--data.num_demos=1",
+    "--data.batch_size=8",
+    "--data.demo_batch_size=4",
+    "--optim.sft_steps=2",
+    "--optim.update_steps_per_iteration=1",
+    "--rollout.groups_per_round=1",
+    "--rollout.max_groups_per_step=1",
+    "--rollout.rollout_goal_per_step=2",
+    "--rollout.enable_dynamic_sampling=false",
+    "--eval.eval_episodes=1",
+    "--eval.num_envs=1",
+)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def subprocess_env(tmp: Path, **extra: str | None) -> dict[str, str]:
+    """A hermetic environment: a temporary HF_HOME (no default accelerate config is picked up), wandb offline
+    in a temporary dir, the Hub offline, one OpenMP thread per process (the machine's cores are shared)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ACCELERATE_", "HF_", "WANDB_", "LEROBOT_RIPT_"))
+    }
+    (tmp / "hf_home").mkdir(parents=True, exist_ok=True)
+    env.update(
+        HF_HOME=str(tmp / "hf_home"),
+        HF_HUB_OFFLINE="1",
+        WANDB_MODE="offline",
+        WANDB_DIR=str(tmp),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def train_cmd(out: Path, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "lerobot_ript.train",
+        "--config_path",
+        str(DEBUG_YAML),
+        f"--output_dir={out}",
+        *TINY,
+        *overrides,
+    ]
+
+
+def run_ok(cmd: list[str], env: dict[str, str], log: Path) -> str:
+    """Run to completion, keep the combined output in `log`, fail with its tail on a non-zero exit."""
+    proc = subprocess.run(
+        cmd,
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    log.write_text(proc.stdout)
+    assert proc.returncode == 0, f"exit code {proc.returncode}; output tail:\n{proc.stdout[-4000:]}"
+    return proc.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ckpt(out: Path, name: str) -> Path:
+    return out / "checkpoints" / name / "pretrained_model"
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Bit-equal: same names, dtypes, shapes and values (tolerance 0)."""
+    assert a.keys() == b.keys()
+    different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not different, (
+        f"{len(different)}/{len(a)} tensors differ, e.g. {different[:3]}: max abs diff "
+        + str(max(float((a[k].double() - b[k].double()).abs().max()) for k in different))
+    )
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def files_containing(root: Path, needle: str) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
+
+
+# ------------------------------------------------------------------------------- 1. validation (in-process)
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["--rollout.rloo_batchsize=4"],
+            ["unknown key 'rollout.rloo_batchsize'", "did you mean 'rollout.rloo_batch_size'"],
+        ),
+        (
+            ["--rollout.rloo_batch_size=1"],
+            [
+                "rollout.rloo_batch_size=1",
+                "must be >= 2",
+                "leave-one-out",
+                "--rollout.rloo_batch_size=<value>",
+            ],
+        ),
+        (
+            ["--optim.learning_rate=-1"],
+            ["optim.learning_rate=-1.0", "must be > 0", "--optim.learning_rate=<value>"],
+        ),
+        (["--data.good_share=-0.1"], ["data.good_share=-0.1", "must be >= 0", "--data.good_share=<value>"]),
+        (
+            ["--policy.objective=cfgg"],
+            ["policy.objective='cfgg'", "['cfg', 'cfgrl', 'weighted']", "Did you mean 'cfg'?"],
+        ),
+        (
+            ["--advantage.normalization=stdd"],
+            ["advantage.normalization='stdd'", "'standard', 'robust', 'none'", "Did you mean 'standard'?"],
+        ),
+        (
+            ["--optim.mixed_precision=bf61"],
+            ["optim.mixed_precision='bf61'", "['no', 'bf16', 'fp16']", "Did you mean 'bf16'?"],
+        ),
+        (["--optim.mixed_precision=fp8"], ["optim.mixed_precision='fp8'", "['no', 'bf16', 'fp16']"]),
+    ],
+    ids=[
+        "unknown-cli-key",
+        "rloo-batch-1",
+        "negative-lr",
+        "negative-share",
+        "objective",
+        "normalization",
+        "mixed-precision-typo",
+        "mixed-precision-unknown",
+    ],
+)
+def test_invalid_config_fails_fast_with_value_rule_and_fix(args, expected):
+    from lerobot_ript.train.cli import parse_config
+
+    with pytest.raises(ValueError) as err:
+        parse_config(["--config_path", str(DEBUG_YAML), *args])
+    missing = [e for e in expected if e not in str(err.value)]
+    assert not missing, f"message {str(err.value)!r} lacks {missing}"
+    assert not torch.distributed.is_initialized()
+
+
+def test_unknown_yaml_key_gets_did_you_mean(tmp_path):
+    from lerobot_ript.train.cli import parse_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num_train_steps: 2\nrollout:\n  rloo_batchsize: 4\n")
+    with pytest.raises(
+        ValueError, match=r"unknown key 'rollout\.rloo_batchsize' \(did you mean 'rollout\.rloo_batch_size'"
+    ):
+        parse_config(["--config_path", str(bad)])
+
+
+def test_main_validates_before_building_the_accelerator(monkeypatch):
+    """No process group (and no Accelerator) is started for a config that cannot run."""
+    import lerobot_ript.train.loop as loop
+    from lerobot_ript.train.cli import main
+
+    def must_not_run(cfg):
+        raise AssertionError("build_accelerator was reached with an invalid config")
+
+    monkeypatch.setattr(loop, "build_accelerator", must_not_run)
+    with pytest.raises(ValueError, match="rollout.rloo_batch_size=1"):
+        main(["--config_path", str(DEBUG_YAML), "--rollout.rloo_batch_size=1"])
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(path):
+    from lerobot_ript.train.cli import parse_config
+
+    cfg = parse_config(["--config_path", str(path)])
+    assert cfg.rollout.rloo_batch_size >= 2
+    assert parse_config(["--config_path", path.stem]) == cfg  # the preset name resolves to the same file
+
+
+# --------------------------------------------------------------------- 2 + 7. a debug run pushed to a Hub
+@dataclass
+class Run:
+    out: Path
+    log: str
+    hub: LocalHubServer | None = None
+
+
+@pytest.fixture(scope="module")
+def debug_run(tmp_path_factory):
+    """One single-process debug run with wandb (WANDB_MODE unset: log.wandb_mode=offline applies) and a push to
+    a local Hub server; shared by the tests below, each checking one concern."""
+    tmp = tmp_path_factory.mktemp("debug_run")
+    out = tmp / "out"
+    with LocalHubServer() as hub:
+        env = subprocess_env(
+            tmp,
+            WANDB_MODE=None,
+            HF_ENDPOINT=hub.endpoint,
+            HF_HUB_DISABLE_XET="1",
+            HF_HUB_OFFLINE="0",
+            HF_HUB_DISABLE_TELEMETRY="1",
+            HF_TOKEN=TOKEN,
+        )
+        cmd = train_cmd(
+            out,
+            "--log.enable_wandb=true",
+            "--log.wandb_mode=offline",
+            "--hub.push_to_hub=true",
+            f"--hub.hub_repo_id={HUB_REPO}",
+        )
+        log = run_ok(cmd, env, tmp / "train.log")
+        yield Run(out, log, hub)
+
+
+def test_debug_run_writes_lerobot_checkpoints(debug_run):
+    ckpts = debug_run.out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["000001", "000002", "last"]  # no .tmp-* left
+    assert (ckpts / "last").is_symlink() and os.readlink(ckpts / "last") == "000002"
+    for it in ("000001", "000002"):
+        pretrained = ckpt(debug_run.out, it)
+        names = {p.name for p in pretrained.iterdir()}
+        assert {
+            "config.json",
+            "model.safetensors",
+            "train_config.json",
+            "policy_preprocessor.json",
+            "policy_postprocessor.json",
+        } <= names
+        assert any(n.startswith("policy_preprocessor_step_") and n.endswith(".safetensors") for n in names)
+        assert json.loads((pretrained / "config.json").read_text())["type"] == "ript"
+        train_config = json.loads((pretrained / "train_config.json").read_text())
+        assert train_config["world_size"] == 1 and train_config["num_train_steps"] == 2
+        state = ckpts / it / "training_state"
+        assert {"optimizer.bin", "scheduler.bin", "ript_state_0.json"} <= {p.name for p in state.iterdir()}
+        assert json.loads((state / "ript_state_0.json").read_text())["iteration"] == int(it)
+    # each iteration trained: the two checkpoints hold different parameters
+    a = load_file(ckpt(debug_run.out, "000001") / "model.safetensors")
+    b = load_file(ckpt(debug_run.out, "000002") / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_reloads_in_a_fresh_process(debug_run, tmp_path):
+    """LeRobot's own loading path, in a process that never imported lerobot_ript: the plugin registers through
+    `register_third_party_plugins()`, and the processors (normalisation) come back with the model."""
+    pretrained = ckpt(debug_run.out, "last")
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import torch
+        from safetensors.torch import load_file
+        from lerobot.utils.import_utils import register_third_party_plugins
+        from lerobot.datasets.lerobot_dataset import LeRobotDataset
+        assert "lerobot_ript" not in sys.modules
+        register_third_party_plugins()
+        from lerobot.policies.factory import get_policy_class, make_pre_post_processors
+
+        path = {str(pretrained)!r}
+        policy = get_policy_class("ript").from_pretrained(path)
+        pre, post = make_pre_post_processors(policy.config, pretrained_path=path)
+        saved = load_file(path + "/model.safetensors")
+        same = all(torch.equal(policy.state_dict()[k], v) for k, v in saved.items())
+        ds = LeRobotDataset("local/push-v3-demos", root={str(debug_run.out / "demos")!r})
+        frame = ds[0]
+        obs = {{"observation.state": frame["observation.state"][None], "task": ["push"]}}
+        torch.manual_seed(0)
+        action = post(policy.select_action(pre(obs)))
+        print(json.dumps({{"class": type(policy).__module__, "same": same, "n": len(saved),
+                           "shape": list(action.shape), "finite": bool(torch.isfinite(action).all()),
+                           "steps": [type(s).__name__ for s in pre.steps]}}))
+        """
+    )
+    env = subprocess_env(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["class"].startswith("lerobot_ript.policy")
+    assert result["same"] and result["n"] > 0
+    assert result["shape"] == [1, 4] and result["finite"]  # MetaWorld: 4-D action
+    assert "NormalizerProcessorStep" in result["steps"]
+
+
+def test_debug_run_metrics_plot_and_learning_rates(debug_run):
+    rows = read_metrics(debug_run.out)
+    sft = [r for r in rows if "sft/loss" in r]
+    iters = [r for r in rows if "train/loss" in r]
+    assert len(sft) == 1 and [r["step"] for r in iters] == [1, 2]
+    wanted = [
+        "train/loss",
+        "train/grad_norm",
+        "train/lr",
+        "advantage/mean",
+        "advantage/std",
+        "advantage/share_positive",
+        "advantage/hist_0",
+        "rollout/success_rate",
+        "rollout/env_steps",
+        "rollout/groups_sampled",
+        "rollout/share_dropped",
+        "memory/max_rss_mb",
+        "time/collect_s",
+        "time/update_s",
+    ]
+    for row in iters:
+        missing = [k for k in wanted if not isinstance(row.get(k), float | int)]
+        assert not missing, f"step {row['step']} lacks finite {missing}"
+        assert 0 < row["rollout/env_steps"] <= 2 * 20  # one group of K=2 rollouts of at most 20 steps
+    evals = [r for r in rows if "eval/success_rate" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2] and all("time/eval_s" in r for r in evals)
+    # SFT runs at optim.sft_learning_rate, RIPT at optim.learning_rate (defaults 3e-4 and 1e-4)
+    assert sft[0]["sft/lr"] == pytest.approx(3e-4) and all(
+        r["train/lr"] == pytest.approx(1e-4) for r in iters
+    )
+    png = debug_run.out / "success.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wandb_offline_run_without_wandb_mode_env(debug_run):
+    runs = list((debug_run.out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "log.enable_wandb=true with log.wandb_mode=offline should write one offline run"
+    (run_file,) = runs[0].glob("run-*.wandb")
+    data = run_file.read_bytes()
+    assert b"train/loss" in data and b"eval/success_rate" in data  # the metrics reached the tracker
+
+
+def test_push_to_local_hub_holds_policy_and_model_card(debug_run, tmp_path, monkeypatch):
+    from huggingface_hub import constants, snapshot_download
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    local = Path(
+        snapshot_download(
+            HUB_REPO, endpoint=debug_run.hub.endpoint, cache_dir=tmp_path / "cache", token=TOKEN
+        )
+    )
+    names = {p.name for p in local.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "README.md",
+        "train_config.json",
+        "policy_preprocessor.json",
+        "success.png",
+    } <= names
+    pretrained = ckpt(debug_run.out, "last")
+    assert (local / "model.safetensors").read_bytes() == (pretrained / "model.safetensors").read_bytes()
+    card = (local / "README.md").read_text()
+    assert "| Step | Success rate |" in card and "library_name: lerobot" in card
+    assert "Pushed" in debug_run.log and HUB_REPO in debug_run.log
+    # the token went only into Authorization headers: not in logs, saved config, card or any local file
+    assert debug_run.hub.token_leaks(TOKEN) == []
+    assert TOKEN not in debug_run.log and TOKEN not in card
+    assert files_containing(debug_run.out, TOKEN) == []
+
+
+def test_push_to_a_failing_hub_keeps_the_run_and_logs_the_retry_command(tmp_path):
+    out = tmp_path / "out"
+    with LocalHubServer(fail_first_n=10**9, fail_status=503) as hub:  # the Hub is down for good
+        env = subprocess_env(
+            tmp_path,
+            HF_ENDPOINT=hub.endpoint,
+            HF_HUB_DISABLE_XET="1",
+            HF_HUB_OFFLINE="0",
+            HF_HUB_DISABLE_TELEMETRY="1",
+            HF_TOKEN=TOKEN,
+        )
+        log = run_ok(
+            train_cmd(out, "--num_train_steps=1", "--hub.push_to_hub=true", f"--hub.hub_repo_id={HUB_REPO}"),
+            env,
+            tmp_path / "train.log",
+        )
+        assert hub.counts["create"] == 5 and hub.counts["commit"] == 0  # 1 try + 4 retries with backoff
+        assert hub.token_leaks(TOKEN) == []
+    assert re.search(rf"Push it later with:\n\s+.*hf upload {HUB_REPO} \S+pretrained_model", log), log[-3000:]
+    pretrained = ckpt(out, "last")
+    card = (pretrained / "README.md").read_text()  # the card is written locally before the push
+    assert "| Step | Success rate |" in card
+    assert TOKEN not in log and TOKEN not in card
+    assert TOKEN not in (pretrained / "train_config.json").read_text()
+    assert files_containing(out, TOKEN) == []
+
+
+# ------------------------------------------------------------------------------------- 3. lerobot-eval
+@pytest.mark.slow  # about 50 s: LeRobot's eval renders a video of every episode
+def test_lerobot_eval_runs_on_a_checkpoint(debug_run, tmp_path):
+    eval_out = tmp_path / "eval"
+    cmd = [
+        str(Path(sys.executable).parent / "lerobot-eval"),
+        f"--policy.path={ckpt(debug_run.out, 'last')}",
+        "--env.type=metaworld_state",
+        "--env.task=push-v3",
+        "--env.episode_length=30",
+        "--eval.n_episodes=2",
+        "--eval.batch_size=2",
+        "--eval.use_async_envs=false",
+        "--policy.device=cpu",
+        f"--output_dir={eval_out}",
+    ]
+    run_ok(cmd, subprocess_env(tmp_path), tmp_path / "eval.log")
+    overall = json.loads((eval_out / "eval_info.json").read_text())["overall"]
+    assert overall["n_episodes"] == 2 and 0.0 <= overall["pc_success"] <= 100.0
+
+
+# ----------------------------------------------------------------- 4 + 5. exact resume, atomic checkpoints
+# Three iterations, a checkpoint after each. The "success" estimator labels every (failed) rollout bad, so the
+# rollouts are trained on, and replay_iterations=2 makes iteration 3 train on iteration 2's rollouts: the replay
+# buffer must come back from the checkpoint too.
+RESUME_ARGS = (
+    "--num_train_steps=3",
+    "--save_interval=1",
+    "--eval.eval_interval=1",
+    "--advantage.estimator=success",
+    "--data.replay_iterations=2",
+)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """Run A: three iterations, uninterrupted."""
+    tmp = tmp_path_factory.mktemp("reference_run")
+    out = tmp / "out"
+    log = run_ok(train_cmd(out, *RESUME_ARGS), subprocess_env(tmp), tmp / "train.log")
+    return Run(out, log)
+
+
+@pytest.mark.slow  # a reference run, a killed run and its resumption: about 2 minutes
+def test_resume_after_sigkill_equals_uninterrupted_run(reference_run, tmp_path):
+    out, env = tmp_path / "out", subprocess_env(tmp_path)
+    last = out / "checkpoints" / "last"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = subprocess.Popen(
+            train_cmd(out, *RESUME_ARGS), env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        # `last` moves to 000002 only after checkpoint 2 is complete (renamed into place)
+        while not (last.is_symlink() and os.readlink(last) == "000002"):
+            assert proc.poll() is None, f"run B ended (rc {proc.returncode}) before checkpoint 2"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert not (out / "checkpoints" / "000003").exists(), "killed too late: iteration 3 was already saved"
+
+    resumed = run_ok(train_cmd(out, *RESUME_ARGS, "--resume=true"), env, tmp_path / "resumed.log")
+    assert re.search(r"Resumed from \S+000002 at iteration 2", resumed)
+    # Bit-equal on a CPU (tolerance 0): every RNG is reseeded from (seed, rank, iteration) and the optimizer,
+    # scheduler, replay buffer, skip tracker and counters come back from the checkpoint.
+    assert_same_tensors(
+        load_file(ckpt(out, "000003") / "model.safetensors"),
+        load_file(ckpt(reference_run.out, "000003") / "model.safetensors"),
+    )
+    assert_same_tensors(
+        torch.load(out / "checkpoints/000003/training_state/optimizer.bin")["state"][0],
+        torch.load(reference_run.out / "checkpoints/000003/training_state/optimizer.bin")["state"][0],
+    )
+    step3 = [r for r in read_metrics(out) if r["step"] == 3 and "train/loss" in r]
+    ref3 = [r for r in read_metrics(reference_run.out) if r["step"] == 3 and "train/loss" in r]
+    assert step3[-1]["train/loss"] == ref3[0]["train/loss"]
+    assert step3[-1]["rollout/success_rate"] == ref3[0]["rollout/success_rate"]
+
+
+@pytest.mark.slow  # a crashed run and its resumption, plus the reference run: about 2 minutes
+def test_crash_mid_checkpoint_keeps_last_loadable_and_next_run_cleans_up(reference_run, tmp_path):
+    from lerobot.policies.factory import get_policy_class, make_pre_post_processors
+
+    import lerobot_ript  # noqa: F401  (registers the ript policy type)
+    from lerobot_ript.train.checkpoint import CRASH_ENV_VAR
+
+    out = tmp_path / "out"
+    ckpts = out / "checkpoints"
+    crash_env = subprocess_env(tmp_path, **{CRASH_ENV_VAR: "2"})  # die while writing checkpoint 2
+    proc = subprocess.run(
+        train_cmd(out, *RESUME_ARGS),
+        env=crash_env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert proc.returncode == 17, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert os.readlink(ckpts / "last") == "000001" and not (ckpts / "000002").exists()
+    assert (ckpts / ".tmp-000002" / "pretrained_model" / "model.safetensors").exists()  # the half-written one
+
+    pretrained = ckpts / "last" / "pretrained_model"
+    policy = get_policy_class("ript").from_pretrained(pretrained)
+    pre, post = make_pre_post_processors(policy.config, pretrained_path=str(pretrained))
+    assert len(pre.steps) > 0 and len(post.steps) > 0
+    assert_same_tensors(
+        policy.state_dict(), load_file(ckpt(reference_run.out, "000001") / "model.safetensors")
+    )
+
+    log = run_ok(
+        train_cmd(out, *RESUME_ARGS, "--resume=true"), subprocess_env(tmp_path), tmp_path / "resumed.log"
+    )
+    assert "Removing" in log and ".tmp-000002" in log
+    assert sorted(p.name for p in ckpts.iterdir()) == ["000001", "000002", "000003", "last"]
+    assert os.readlink(ckpts / "last") == "000003"
+    # resuming from checkpoint 1 also replays the uninterrupted run exactly
+    assert_same_tensors(
+        load_file(ckpt(out, "000003") / "model.safetensors"),
+        load_file(ckpt(reference_run.out, "000003") / "model.safetensors"),
+    )
+
+
+# ----------------------------------------------------------------------- 8. update_step: accumulation
+STATE_DIM, ACTION_DIM, CHUNK = 5, 2, 4
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+class FixedDraws:
+    """Flow noise and times handed out in order, so a batch of 8 and two micro-batches of 4 see the same
+    draws (the policy's own RNG calls differ in size and interleaving between the two)."""
+
+    def __init__(self, n: int, seed: int = 3) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.noise = torch.randn(n, CHUNK, ACTION_DIM, generator=g)
+        self.time = torch.rand(n, generator=g) * 0.9 + 0.05
+        self.i_noise = self.i_time = 0
+
+    def sample_noise(self, shape, device):
+        out = self.noise[self.i_noise : self.i_noise + shape[0]]
+        self.i_noise += shape[0]
+        return out.to(device)
+
+    def sample_time(self, b, device):
+        out = self.time[self.i_time : self.i_time + b]
+        self.i_time += b
+        return out.to(device)
+
+
+def tiny_policy():
+    from lerobot.configs import FeatureType, PolicyFeature
+    from lerobot.utils.constants import ACTION, OBS_STATE
+
+    from lerobot_ript.policy.configuration_ript import RiptConfig
+    from lerobot_ript.policy.modeling_ript import RiptPolicy
+
+    cfg = RiptConfig(
+        device="cpu",
+        chunk_size=CHUNK,
+        n_action_steps=2,
+        hidden_dim=32,
+        cond_dim=16,
+        num_denoiser_layers=2,
+        cfg_dropout_prob=0.0,
+        input_features={OBS_STATE: PolicyFeature(FeatureType.STATE, (STATE_DIM,))},
+        output_features={ACTION: PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))},
+    )
+    torch.manual_seed(0)
+    policy = RiptPolicy(cfg)
+    with torch.no_grad():  # leave the adaLN-zero init, so that the label and every layer get gradients
+        for p in policy.parameters():
+            p.normal_(0.0, 0.3)
+    return policy
+
+
+def tiny_batch(b: int = 8) -> dict[str, torch.Tensor]:
+    from lerobot.utils.constants import ACTION, OBS_STATE
+
+    g = torch.Generator().manual_seed(1)
+    return {
+        OBS_STATE: torch.randn(b, STATE_DIM, generator=g),
+        ACTION: torch.randn(b, CHUNK, ACTION_DIM, generator=g),
+        "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5, 1.0, 1.0, -1.0, 0.0])[:b],
+    }
+
+
+def one_update(policy, micro_batches, accumulation: int, monkeypatch):
+    """`update_step` with SGD (its update is linear in the gradient, so equal gradients give equal parameters;
+    AdamW's g / sqrt(v) would magnify rounding noise in near-zero gradients). Returns (params, logs, info)."""
+    from accelerate import Accelerator
+
+    from lerobot_ript.policy import modeling_ript
+    from lerobot_ript.train.update import update_step
+
+    draws = FixedDraws(64)
+    monkeypatch.setattr(modeling_ript, "sample_noise", draws.sample_noise)
+    monkeypatch.setattr(
+        modeling_ript.RiptPolicy, "_sample_time", lambda _policy, b, device: draws.sample_time(b, device)
+    )
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
+    steps, syncs = [], []
+    optimizer.register_step_post_hook(lambda *_: steps.append(1))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    backward = accelerator.backward
+    monkeypatch.setattr(
+        accelerator, "backward", lambda loss: (syncs.append(accelerator.sync_gradients), backward(loss))
+    )
+    logs = update_step(policy, micro_batches, optimizer, scheduler, accelerator, grad_clip_norm=0.5)
+    params = {k: v.detach().clone() for k, v in accelerator.unwrap_model(policy).state_dict().items()}
+    return (
+        params,
+        logs,
+        {
+            "steps": steps,
+            "syncs": syncs,
+            "scheduler_steps": scheduler.scheduler.last_epoch,
+            "accelerator": accelerator,
+            "policy": policy,
+            "optimizer": optimizer,
+            "scheduler": scheduler,
+        },
+    )
+
+
+def test_gradient_accumulation_equals_one_big_batch(fresh_accelerate_state, monkeypatch):
+    start = tiny_policy()
+    batch = tiny_batch(8)
+    halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
+
+    big, big_logs, big_info = one_update(copy.deepcopy(start), [batch], 1, monkeypatch)
+    acc, acc_logs, acc_info = one_update(copy.deepcopy(start), halves, 2, monkeypatch)
+
+    # exactly one optimizer step per update_step call
+    assert len(big_info["steps"]) == len(acc_info["steps"]) == 1
+    assert acc_info["syncs"] == [False, True]  # gradients sync (and are clipped) on the last micro-batch only
+    assert acc_info["scheduler_steps"] == 1
+    assert big_logs["grad_norm"] > 0.5  # clipping was active in both
+    assert acc_logs["grad_norm"] == pytest.approx(big_logs["grad_norm"], rel=1e-5)
+    assert acc_logs["loss"] == pytest.approx(big_logs["loss"], rel=1e-6)
+    changed = [k for k in big if not torch.equal(big[k], start.state_dict()[k])]
+    assert len(changed) == len(big)  # every parameter moved
+    for k in big:  # float32 summation order differs; measured max abs diff 3e-8 (steps of up to 0.035)
+        torch.testing.assert_close(acc[k], big[k], rtol=1e-5, atol=1e-6)
+
+
+def test_update_step_takes_one_step_per_call_and_rejects_a_wrong_micro_batch_count(
+    fresh_accelerate_state, monkeypatch
+):
+    from lerobot_ript.train.update import update_step
+
+    batch = tiny_batch(8)
+    halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
+    _, _, info = one_update(tiny_policy(), halves, 2, monkeypatch)
+    acc, policy, optimizer, scheduler = (info[k] for k in ("accelerator", "policy", "optimizer", "scheduler"))
+    with pytest.raises(ValueError, match="got 1 micro-batches for gradient_accumulation_steps=2"):
+        update_step(policy, halves[:1], optimizer, scheduler, acc, 0.5)
+    for call in range(2, 5):
+        update_step(policy, halves, optimizer, scheduler, acc, 0.5)
+        assert len(info["steps"]) == scheduler.scheduler.last_epoch == call
+    assert info["syncs"] == [False, True] * 4
