@@ -1,0 +1,48 @@
+"""The learning benchmark's `--quick` smoke run: the whole pipeline (demos -> SFT -> arms -> report) runs end
+to end. Its success numbers are meaningless at this size and are not asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "learning" / "run.py"
+
+
+def _run(tmp_path: Path, arms: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(SCRIPT), "all", "--quick", "--seeds", "0", "--arms", *arms, "--out", str(tmp_path)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _check(tmp_path: Path, arms: list[str], proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sft_ckpt = tmp_path / "sft" / "checkpoints" / "last" / "pretrained_model"
+    assert (sft_ckpt / "model.safetensors").exists()
+    for name in arms:
+        result = json.loads((tmp_path / f"{name}_seed0" / "result.json").read_text())
+        assert result["arm"] == name and result["history"], result
+        last = result["history"][-1]
+        assert 0.0 <= last["ci_low"] <= last["success_rate"] <= last["ci_high"] <= 1.0
+        assert last["episodes"] >= 8  # the quick budget (rollout.max_train_episodes) was spent
+    text = (tmp_path / "RESULTS.md").read_text()
+    for name in arms:
+        assert f"| {name} | 0 |" in text
+    assert (tmp_path / "success.png").stat().st_size > 1000
+
+
+def test_quick_smoke_two_arms(tmp_path):
+    arms = ["ript", "filtered"]
+    _check(tmp_path, arms, _run(tmp_path, arms))
+
+
+@pytest.mark.slow
+def test_quick_smoke_every_arm(tmp_path):
+    arms = ["ript", "bc", "filtered", "no_dynamic", "no_guidance", "weighted"]
+    _check(tmp_path, arms, _run(tmp_path, arms))
