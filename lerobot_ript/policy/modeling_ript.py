@@ -181,6 +181,8 @@ class RiptPolicy(PreTrainedPolicy):
             fn = lambda x, t: self._velocity(context, x, t, good)  # noqa: E731
         elif batched_guidance:
             ctx2 = self.backbone.repeat_context(context, 2)
+            if self.config.enable_cfg_safe_copy:
+                _check_context_not_shared(context, ctx2)
             fn = lambda x, t: self._guided_velocity(ctx2, x, t, w)  # noqa: E731
         else:
             null = torch.full_like(good, LABEL_NULL)
@@ -213,9 +215,6 @@ class RiptPolicy(PreTrainedPolicy):
         """(v_good, v_null) from one batched pass of 2B rows; ctx2 = repeat_context(context, 2)."""
         b = x_good.shape[0]
         x2 = torch.cat([x_good, x_null])  # (2B, T, A), new storage
-        if self.config.enable_cfg_safe_copy:
-            _check_no_shared_storage(x2[:b], x_null)
-            _check_no_shared_storage(x2[b:], x_good)
         labels2 = torch.cat(
             [torch.full((b,), LABEL_GOOD, device=x2.device), torch.full((b,), LABEL_NULL, device=x2.device)]
         ).long()
@@ -264,6 +263,19 @@ def _batch_size(context) -> int:
     return int(first.shape[0])
 
 
+def _check_context_not_shared(context, ctx2) -> None:
+    """The run-time check behind `enable_cfg_safe_copy`: a backbone's `repeat_context` must return new
+    storage (e.g. `repeat`), never a view of the context (e.g. `expand`), so that the guided and unguided
+    rows of the batched pass cannot alias each other or the cached observation encoding."""
+    pairs = zip(context, ctx2, strict=True) if isinstance(context, tuple | list) else [(context, ctx2)]
+    for a, b in pairs:
+        if isinstance(a, Tensor):
+            _check_no_shared_storage(a, b)
+
+
 def _check_no_shared_storage(a: Tensor, b: Tensor) -> None:
     if a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr():
-        raise RuntimeError("The guided and unguided branches share storage; refusing to sample.")
+        raise RuntimeError(
+            "enable_cfg_safe_copy: the guided and unguided branches share storage (a backbone's repeat_context "
+            "returned a view such as .expand()); refusing to sample. Return new storage (.repeat)."
+        )

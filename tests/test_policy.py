@@ -1,0 +1,593 @@
+"""The `ript` policy against real LeRobot objects: registration, save/load in a fresh process, the three
+objectives, classifier-free guidance, behavioural conditioning and fail-fast validation."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_dataset
+from lerobot.configs import FeatureType, PolicyFeature
+from lerobot.datasets.factory import resolve_delta_timestamps
+from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
+from lerobot.policies.common.flow_matching import euler_integrate, sample_noise
+from lerobot.policies.factory import get_policy_class, make_policy, make_pre_post_processors
+from lerobot.utils.constants import ACTION, OBS_ENV_STATE, OBS_STATE
+
+from lerobot_ript.advantages import LABEL_BAD, LABEL_GOOD, LABEL_NULL
+from lerobot_ript.policy.configuration_ript import BACKBONES, OBJECTIVES, RiptConfig
+from lerobot_ript.policy.modeling_ript import RiptPolicy, _check_no_shared_storage
+from lerobot_ript.policy.processor_ript import StateDimAdapterStep
+
+STATE_DIM, ACTION_DIM, CHUNK = 5, 2, 4
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These models are tiny: one intra-op thread is faster, and two OpenMP threads spin-wait badly (10x
+    slower measured) when the machine's two cores are shared with other processes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def tiny_config(**overrides) -> RiptConfig:
+    """A CPU-sized config (no features yet: make_policy fills them from dataset metadata)."""
+    kwargs = dict(
+        device="cpu",
+        chunk_size=CHUNK,
+        n_action_steps=2,
+        hidden_dim=32,
+        cond_dim=16,
+        num_denoiser_layers=2,
+        image_size=(16, 16),
+        image_channels=8,
+        num_inference_steps=4,
+    )
+    kwargs.update(overrides)
+    return RiptConfig(**kwargs)
+
+
+def state_policy(seed: int = 0, perturb: bool = True, **overrides) -> RiptPolicy:
+    """A state-only policy built from features directly. `perturb` replaces the adaLN-zero init (under which
+    the label has no effect at all) with random weights, so the good and null branches really differ."""
+    cfg = tiny_config(
+        input_features={OBS_STATE: PolicyFeature(FeatureType.STATE, (STATE_DIM,))},
+        output_features={ACTION: PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))},
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    policy = RiptPolicy(cfg)
+    if perturb:
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.normal_(0.0, 0.3)
+    return policy
+
+
+def state_batch(b: int = 6, seed: int = 1, advantages: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    batch = {
+        OBS_STATE: torch.randn(b, STATE_DIM, generator=g),
+        ACTION: torch.randn(b, CHUNK, ACTION_DIM, generator=g),
+    }
+    if advantages is not None:
+        batch["advantages"] = advantages
+    return batch
+
+
+def fixed_noise(b: int, seed: int = 2) -> torch.Tensor:
+    return torch.randn(b, CHUNK, ACTION_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+def image_feature(h: int, w: int) -> dict:
+    return {"dtype": "image", "shape": (h, w, 3), "names": ["height", "width", "channels"]}
+
+
+def vector_feature(n: int) -> dict:
+    return {"dtype": "float32", "shape": (n,), "names": None}
+
+
+def chunk_dataset(root: Path, cfg: RiptConfig) -> LeRobotDataset:
+    """Reopen a tiny dataset on disk with the policy's action chunk (delta timestamps)."""
+    meta = LeRobotDatasetMetadata("local/tiny", root=root)
+    return LeRobotDataset(
+        "local/tiny", root=root, delta_timestamps=resolve_delta_timestamps(cfg, meta), video_backend="pyav"
+    )
+
+
+def processed_batches(ds: LeRobotDataset, preprocessor, batch_size: int = 16) -> list[dict]:
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
+    return [preprocessor(b) for b in loader]
+
+
+def snapshot(batch: dict) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in batch.items()}
+
+
+def assert_same_batch(before: dict, after: dict) -> None:
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        if isinstance(v, torch.Tensor):
+            assert after[k].dtype == v.dtype, k
+            assert torch.equal(after[k], v), f"batch['{k}'] was mutated"
+        else:
+            assert after[k] == v, k
+
+
+# ----------------------------------------------------------------------------------------- registration
+def test_policy_type_is_registered() -> None:
+    assert get_policy_class("ript") is RiptPolicy
+    from lerobot.configs import PreTrainedConfig
+
+    assert PreTrainedConfig.get_choice_class("ript") is RiptConfig
+
+
+@pytest.mark.parametrize("cameras", [(), ("top",), ("top", "wrist")], ids=["state", "1cam", "2cam"])
+def test_make_policy_from_dataset_trains_one_step(tmp_path: Path, cameras: tuple[str, ...]) -> None:
+    """make_policy + the policy's own processors on a real dataset; images (24x40) differ from image_size."""
+    make_tiny_dataset(tmp_path / "ds", state_dim=6, cameras=cameras, image_hw=(24, 40), episodes=2, frames=8)
+    cfg = tiny_config()
+    meta = LeRobotDatasetMetadata("local/tiny", root=tmp_path / "ds")
+    policy = make_policy(cfg, ds_meta=meta)
+    assert isinstance(policy, RiptPolicy)
+    assert sorted(cfg.image_features) == sorted(f"observation.images.{c}" for c in cameras)
+    pre, _ = make_pre_post_processors(cfg, dataset_stats=meta.stats)
+    batch = processed_batches(chunk_dataset(tmp_path / "ds", cfg), pre, batch_size=8)[0]
+    before = [p.detach().clone() for p in policy.parameters()]
+    loss, _ = policy.forward(batch)
+    loss.backward()
+    torch.optim.AdamW(policy.parameters(), lr=1e-2).step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters(), strict=True))
+    chunk = policy.predict_action_chunk(batch)
+    assert chunk.shape == (8, CHUNK, 2)
+
+
+def test_make_policy_two_cameras_of_different_sizes(tmp_path: Path) -> None:
+    features = {
+        "observation.images.left": image_feature(20, 30),
+        "observation.images.right": image_feature(48, 36),
+        OBS_STATE: vector_feature(3),
+        ACTION: vector_feature(2),
+    }
+    meta = LeRobotDatasetMetadata.create("local/m", 10, features, root=tmp_path / "m", use_videos=False)
+    cfg = tiny_config(image_size=(16, 16))
+    policy = make_policy(cfg, ds_meta=meta)
+    batch = {
+        "observation.images.left": torch.rand(3, 3, 20, 30),
+        "observation.images.right": torch.rand(3, 3, 48, 36),
+        OBS_STATE: torch.randn(3, 3),
+        ACTION: torch.randn(3, CHUNK, 2),
+    }
+    loss, _ = policy.forward(batch)
+    assert torch.isfinite(loss)
+    assert policy.predict_action_chunk(batch).shape == (3, CHUNK, 2)
+
+
+def test_make_policy_env_state_only(tmp_path: Path) -> None:
+    features = {OBS_ENV_STATE: vector_feature(5), ACTION: vector_feature(2)}
+    meta = LeRobotDatasetMetadata.create("local/e", 10, features, root=tmp_path / "e", use_videos=False)
+    cfg = tiny_config()
+    policy = make_policy(cfg, ds_meta=meta)
+    assert cfg.robot_state_feature is None and cfg.env_state_feature is not None
+    batch = {OBS_ENV_STATE: torch.randn(3, 5), ACTION: torch.randn(3, CHUNK, 2)}
+    assert torch.isfinite(policy.forward(batch)[0])
+    assert policy.predict_action_chunk(batch).shape == (3, CHUNK, 2)
+
+
+# ------------------------------------------------------------------------------------ save / load round trip
+CHILD = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    from safetensors.torch import load_file
+
+    assert "lerobot_ript" not in sys.modules
+    from lerobot.utils.import_utils import register_third_party_plugins
+    register_third_party_plugins()  # imports the `lerobot_policy_ript` distribution, nothing else of ours
+    from lerobot.policies.factory import get_policy_class, make_pre_post_processors
+
+    d = Path(sys.argv[1])
+    policy = get_policy_class("ript").from_pretrained(d)
+    pre, post = make_pre_post_processors(policy.config, pretrained_path=str(d))
+    io = load_file(d / "io.safetensors")
+    obs = {k.removeprefix("obs/"): v for k, v in io.items() if k.startswith("obs/")}
+    with torch.no_grad():
+        actions = post(policy.predict_action_chunk(pre(obs), noise=io["noise"]))
+    steps = {type(s).__name__: getattr(s, "target_state_dim", None) for s in pre.steps}
+    print(json.dumps({
+        "max_abs_diff": float((actions - io["actions"]).abs().max()),
+        "policy_module": type(policy).__module__,
+        "guidance_scale": policy.config.guidance_scale,
+        "steps": steps,
+        "discovered_via": sorted(m for m in sys.modules if m.startswith("lerobot_policy_")),
+    }))
+    """
+)
+
+
+def test_save_load_round_trip_in_fresh_process(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    make_tiny_dataset(tmp_path / "ds", state_dim=6, cameras=("top",), image_hw=(24, 40), episodes=2, frames=8)
+    cfg = tiny_config(target_state_dim=8, guidance_scale=1.5)
+    meta = LeRobotDatasetMetadata("local/tiny", root=tmp_path / "ds")
+    policy = make_policy(cfg, ds_meta=meta)
+    pre, post = make_pre_post_processors(cfg, dataset_stats=meta.stats)
+    batches = processed_batches(chunk_dataset(tmp_path / "ds", cfg), pre, batch_size=8)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    for batch in batches * 3:  # a few steps, so the adaLN-zero modulations are no longer zero
+        loss, _ = policy.forward(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    policy.eval()
+
+    raw = next(iter(torch.utils.data.DataLoader(chunk_dataset(tmp_path / "ds", cfg), batch_size=4)))
+    obs = {k: v for k, v in raw.items() if k.startswith("observation.")}
+    noise = fixed_noise(4)
+    with torch.no_grad():
+        actions = post(policy.predict_action_chunk(pre(dict(obs)), noise=noise))
+    out = tmp_path / "model"
+    policy.save_pretrained(out)
+    pre.save_pretrained(out)
+    post.save_pretrained(out)
+    save_file(
+        {**{f"obs/{k}": v.contiguous() for k, v in obs.items()}, "noise": noise, "actions": actions},
+        out / "io.safetensors",
+    )
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["discovered_via"] == ["lerobot_policy_ript"]
+    assert res["policy_module"] == "lerobot_ript.policy.modeling_ript"
+    assert res["guidance_scale"] == 1.5
+    assert res["steps"]["StateDimAdapterStep"] == 8
+    assert res["max_abs_diff"] < 1e-5
+    assert actions.abs().max() > 0  # the comparison is not between two zero tensors
+
+
+# --------------------------------------------------------------------------------------------- objectives
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_loss_is_finite_for_every_objective(objective: str) -> None:
+    policy = state_policy(objective=objective)
+    policy.train()
+    adv = torch.tensor([1.0, -0.5, 0.0, 2.0, -1.0, 0.3])
+    if objective == "weighted":
+        adv = adv.abs()
+    loss, metrics = policy.forward(state_batch(advantages=adv))
+    per_sample, _ = policy.forward(state_batch(advantages=adv), reduction="none")
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert per_sample.shape == (6,) and torch.isfinite(per_sample).all()
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
+
+
+def _eval_loss(policy: RiptPolicy, batches: list[dict], draws: int = 4) -> float:
+    """Mean loss over fixed noise/time draws, in eval mode (no label dropout)."""
+    policy.eval()
+    torch.manual_seed(1234)
+    with torch.no_grad():
+        total = sum(float(policy.forward(b)[0]) for _ in range(draws) for b in batches)
+    policy.train()
+    return total / (draws * len(batches))
+
+
+@pytest.mark.parametrize(
+    "objective,advantages",
+    [("cfg", [1.0, -1.0, 0.5]), ("cfgrl", [1.0, -1.0, 0.5]), ("weighted", [1.0, 0.2, 2.0])],
+)
+def test_loss_falls_on_tiny_dataset(tmp_path: Path, objective: str, advantages: list[float]) -> None:
+    make_tiny_dataset(tmp_path / "ds", state_dim=4, episodes=3, frames=16, advantages=advantages)
+    cfg = tiny_config(objective=objective, hidden_dim=64)
+    meta = LeRobotDatasetMetadata("local/tiny", root=tmp_path / "ds")
+    torch.manual_seed(0)
+    policy = make_policy(cfg, ds_meta=meta)
+    pre, _ = make_pre_post_processors(cfg, dataset_stats=meta.stats)
+    batches = processed_batches(chunk_dataset(tmp_path / "ds", cfg), pre, batch_size=16)
+    assert all("advantages" in b for b in batches)
+    start = _eval_loss(policy, batches)
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    for step in range(100):
+        loss, _ = policy.forward(batches[step % len(batches)])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    end = _eval_loss(policy, batches)
+    assert end < 0.75 * start, (start, end)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_nan_advantages_are_rejected(objective: str) -> None:
+    policy = state_policy(objective=objective)
+    adv = torch.tensor([1.0, float("nan"), 0.5, 1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="'advantages'.*non-finite"):
+        policy.forward(state_batch(advantages=adv))
+
+
+def test_weighted_objective_rejects_negative_weights() -> None:
+    policy = state_policy(objective="weighted")
+    adv = torch.tensor([1.0, -0.5, 0.5, 1.0, 1.0, -2.0])
+    with pytest.raises(ValueError, match=r"2 negative.*negative_handling=softplus\|abs\|clamp"):
+        policy.forward(state_batch(advantages=adv))
+    # Processed weights take precedence over the raw (signed) advantages.
+    batch = state_batch(advantages=adv)
+    batch["advantage_weights"] = adv.abs()
+    assert torch.isfinite(policy.forward(batch)[0])
+
+
+def test_cfgrl_all_bad_trains_only_the_null_branch() -> None:
+    alpha = 0.3
+    policy = state_policy(objective="cfgrl", cfg_alpha=alpha)
+    policy.train()
+    batch = state_batch(advantages=-torch.ones(6))
+
+    # 1) Per-sample loss equals cfg_alpha * L_null, with L_null recomputed from the same noise/time draw.
+    torch.manual_seed(7)
+    per_sample, metrics = policy.forward(batch, reduction="none")
+    torch.manual_seed(7)
+    actions = batch[ACTION]
+    noise = sample_noise(actions.shape, "cpu")
+    t = policy._sample_time(6, torch.device("cpu"))
+    x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
+    context = policy.backbone.encode_observation(batch)
+    v_null = policy._velocity(context, x_t, t, torch.full((6,), LABEL_NULL))
+    l_null = ((v_null - (noise - actions)) ** 2).mean(dim=(1, 2))
+    torch.testing.assert_close(per_sample, alpha * l_null)
+    assert metrics["share_bad"] == 1.0
+
+    # 2) Behaviourally: the GOOD (and BAD) label rows get no gradient, the NULL row does.
+    policy.zero_grad()
+    policy.forward(batch)[0].backward()
+    grad = policy.label_embedding.weight.grad
+    assert torch.count_nonzero(grad[LABEL_GOOD]) == 0
+    assert torch.count_nonzero(grad[LABEL_BAD]) == 0
+    assert grad[LABEL_NULL].abs().sum() > 0
+
+    # 3) With all-good labels the good row is trained.
+    policy.zero_grad()
+    policy.forward(state_batch(advantages=torch.ones(6)))[0].backward()
+    assert policy.label_embedding.weight.grad[LABEL_GOOD].abs().sum() > 0
+
+
+def test_no_advantages_key_means_every_frame_is_good() -> None:
+    policy = state_policy(cfg_dropout_prob=0.0)
+    _, metrics = policy.forward(state_batch())
+    assert metrics["share_good"] == 1.0 and metrics["share_bad"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- guidance
+def test_batched_guidance_equals_two_separate_passes() -> None:
+    policy = state_policy().eval()
+    batch = state_batch()
+    noise = fixed_noise(6)
+    batched = policy.predict_action_chunk(batch, noise=noise, guidance_scale=2.0, batched_guidance=True)
+    separate = policy.predict_action_chunk(batch, noise=noise, guidance_scale=2.0, batched_guidance=False)
+    torch.testing.assert_close(batched, separate, atol=1e-5, rtol=1e-5)
+    w1 = policy.predict_action_chunk(batch, noise=noise, guidance_scale=1.0)
+    # Guidance changes the actions, so the equality above is not vacuous.
+    assert (batched - w1).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("w,label", [(1.0, LABEL_GOOD), (0.0, LABEL_NULL)])
+def test_guidance_endpoints_equal_single_branch_sampling(w: float, label: int) -> None:
+    """w=1 is the conditional policy (one pass); w=0 is the unconditional one."""
+    policy = state_policy().eval()
+    batch = state_batch()
+    noise = fixed_noise(6)
+    context = policy.backbone.encode_observation(batch)
+    labels = torch.full((6,), label)
+    with torch.no_grad():
+        expected = euler_integrate(
+            lambda x, t: policy._velocity(context, x, t, labels), noise, policy.config.num_inference_steps
+        )
+    for batched in (True, False):
+        got = policy.predict_action_chunk(batch, noise=noise, guidance_scale=w, batched_guidance=batched)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_branches_share_no_mutable_tensor() -> None:
+    policy = state_policy().eval()
+    batch = state_batch()
+    with torch.no_grad():
+        context = policy.backbone.encode_observation(batch)
+        ctx2 = policy.backbone.repeat_context(context, 2)
+        assert ctx2.untyped_storage().data_ptr() != context.untyped_storage().data_ptr()
+        x_good, x_null, t = fixed_noise(6, 3), fixed_noise(6, 4), torch.full((6,), 0.5)
+        x_good_0, x_null_0 = x_good.clone(), x_null.clone()
+        v_good, v_null = policy.branch_velocities(ctx2, x_good, x_null, t)
+        assert torch.equal(x_good, x_good_0) and torch.equal(x_null, x_null_0)  # inputs untouched
+        assert not torch.allclose(v_good, v_null)
+
+        # Perturbing one branch's input leaves the other branch's output bit-equal.
+        v_good_b, v_null_b = policy.branch_velocities(ctx2, x_good + 1.0, x_null, t)
+        assert torch.equal(v_null_b, v_null) and not torch.allclose(v_good_b, v_good)
+        v_good_c, v_null_c = policy.branch_velocities(ctx2, x_good, x_null - 1.0, t)
+        assert torch.equal(v_good_c, v_good) and not torch.allclose(v_null_c, v_null)
+
+        # Outputs do not alias inputs, and writing into one output leaves the other unchanged.
+        for v in (v_good, v_null):
+            for x in (x_good, x_null, ctx2):
+                assert v.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+        v_null_0 = v_null.clone()
+        v_good.add_(100.0)
+        assert torch.equal(v_null, v_null_0)
+
+
+def test_input_batch_is_not_mutated() -> None:
+    policy = state_policy(cfg_dropout_prob=0.5)
+    cfg = policy.config
+    cfg.input_features["observation.images.cam"] = PolicyFeature(FeatureType.VISUAL, (3, 12, 12))
+    torch.manual_seed(0)
+    policy = RiptPolicy(cfg)  # rebuilt with a camera; uint8 images exercise the float conversion path
+    g = torch.Generator().manual_seed(5)
+    batch = {
+        **state_batch(advantages=torch.tensor([1.0, -1.0, 0.0, 0.5, -0.2, 1.0])),
+        "observation.images.cam": torch.randint(0, 255, (6, 3, 12, 12), dtype=torch.uint8, generator=g),
+        f"{ACTION}_is_pad": torch.zeros(6, CHUNK, dtype=torch.bool),
+        "init_hash": torch.arange(6),
+        "task": ["t"] * 6,
+    }
+    before = snapshot(batch)
+    for w in (1.0, 2.0):
+        for batched in (True, False):
+            policy.predict_action_chunk(batch, guidance_scale=w, batched_guidance=batched)
+    assert_same_batch(before, batch)
+    for objective in OBJECTIVES:
+        policy.config.objective = objective
+        if objective == "weighted":
+            batch["advantages"] = batch["advantages"].abs()
+            before = snapshot(batch)
+        policy.train()
+        policy.forward(batch)[0].backward()
+        assert_same_batch(before, batch)
+    policy.reset()
+    policy.select_action(batch)
+    assert_same_batch(before, batch)
+
+
+def test_cfg_safe_copy_check() -> None:
+    plain = state_policy(seed=3).eval()
+    checked = state_policy(seed=3, enable_cfg_safe_copy=True).eval()
+    batch, noise = state_batch(), fixed_noise(6)
+    a = plain.predict_action_chunk(batch, noise=noise, guidance_scale=2.0)
+    b = checked.predict_action_chunk(batch, noise=noise, guidance_scale=2.0)
+    assert torch.equal(a, b)
+    # The check itself refuses aliasing storage and accepts a copy.
+    x = torch.randn(4, CHUNK, ACTION_DIM)
+    with pytest.raises(RuntimeError, match="share storage"):
+        _check_no_shared_storage(x[:2], x[2:])
+    _check_no_shared_storage(x, x.clone())
+
+
+# ------------------------------------------------------------------------------ conditioning is behavioural
+def test_label_conditioning_changes_the_sampled_actions() -> None:
+    """Same observations, opposite actions: +1 on good frames, -1 on bad frames. Only the label tells them
+    apart, so a policy that ignores it cannot get good > 0.5 and bad < -0.5 at once."""
+    n, t_chunk = 32, 2
+    cfg = RiptConfig(
+        device="cpu",
+        chunk_size=t_chunk,
+        n_action_steps=t_chunk,
+        hidden_dim=64,
+        cond_dim=32,
+        num_denoiser_layers=2,
+        num_inference_steps=10,
+        cfg_dropout_prob=0.2,
+        objective="cfg",
+        input_features={OBS_STATE: PolicyFeature(FeatureType.STATE, (4,))},
+        output_features={ACTION: PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))},
+    )
+    torch.manual_seed(0)
+    policy = RiptPolicy(cfg).train()
+    obs = torch.randn(n, 4)
+    batch = {
+        OBS_STATE: torch.cat([obs, obs]),
+        ACTION: torch.cat([torch.ones(n, t_chunk, ACTION_DIM), -torch.ones(n, t_chunk, ACTION_DIM)]),
+        "advantages": torch.cat([torch.ones(n), -torch.ones(n)]),
+    }
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    for _ in range(400):
+        loss, _ = policy.forward(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    policy.eval()
+
+    obs_batch = {OBS_STATE: obs}
+    noise = torch.randn(n, t_chunk, ACTION_DIM, generator=torch.Generator().manual_seed(1))
+    good_w1 = policy.predict_action_chunk(obs_batch, noise=noise, guidance_scale=1.0)
+    good_w2 = policy.predict_action_chunk(obs_batch, noise=noise, guidance_scale=2.0)
+    context = policy.backbone.encode_observation(obs_batch)
+    bad_labels = torch.full((n,), LABEL_BAD)
+    with torch.no_grad():
+        bad = euler_integrate(lambda x, t: policy._velocity(context, x, t, bad_labels), noise, 10)
+    assert good_w1.mean() > 0.5, float(good_w1.mean())
+    assert bad.mean() < -0.5, float(bad.mean())
+    assert good_w2.mean() >= good_w1.mean() - 0.05, (float(good_w2.mean()), float(good_w1.mean()))
+
+
+# ------------------------------------------------------------------------------------------- validation
+def test_unknown_objective_lists_valid_ones_and_suggests() -> None:
+    with pytest.raises(
+        ValueError, match=r"objective='cfgr' is not one of \['cfg', 'cfgrl', 'weighted'\]"
+    ) as e:
+        tiny_config(objective="cfgr")
+    assert "Did you mean 'cfg" in str(e.value)
+
+
+def test_unknown_backbone_lists_valid_ones() -> None:
+    expected = re.escape(f"backbone='smal' is not one of {list(BACKBONES)}.") + " Did you mean 'small'"
+    with pytest.raises(ValueError, match=expected):
+        tiny_config(backbone="smal")
+
+
+def test_target_state_dim_zero_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"target_state_dim=0 must be >= 1, or None"):
+        tiny_config(target_state_dim=0)
+    with pytest.raises(ValueError, match=r"target_state_dim=0 must be >= 1"):
+        StateDimAdapterStep(target_state_dim=0)
+
+
+def test_negative_guidance_scale_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"guidance_scale=-0.5 must be >= 0"):
+        tiny_config(guidance_scale=-0.5)
+    policy = state_policy()
+    with pytest.raises(ValueError, match=r"guidance_scale=-1.0 must be >= 0"):
+        policy.predict_action_chunk(state_batch(), guidance_scale=-1.0)
+
+
+def test_n_action_steps_above_chunk_size_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"n_action_steps=5 must be in \[1, chunk_size=4\]"):
+        tiny_config(chunk_size=4, n_action_steps=5)
+
+
+def test_dataset_without_action_is_rejected(tmp_path: Path) -> None:
+    meta = LeRobotDatasetMetadata.create(
+        "local/noact", 10, {OBS_STATE: vector_feature(3)}, root=tmp_path / "m", use_videos=False
+    )
+    with pytest.raises(ValueError, match=r"needs an 'action' output feature.*with an 'action' column"):
+        make_policy(tiny_config(), ds_meta=meta)
+
+
+def test_wrong_state_size_and_chunk_length_name_the_fix() -> None:
+    policy = state_policy()
+    batch = state_batch()
+    with pytest.raises(ValueError, match=r"observation.state has 7 dims.*target_state_dim"):
+        policy.forward({**batch, OBS_STATE: torch.randn(6, 7)})
+    with pytest.raises(ValueError, match=r"chunk of 3 steps.*chunk_size=4.*action_delta_indices"):
+        policy.forward({**batch, ACTION: torch.randn(6, 3, ACTION_DIM)})
+
+
+def test_safe_copy_refuses_a_backbone_whose_repeat_context_returns_a_view() -> None:
+    """`enable_cfg_safe_copy` catches a backbone whose repeat_context hands back the context's own storage
+    (a view), which would let the two guidance branches alias; the check fires before any sampling."""
+    policy = state_policy(seed=3, enable_cfg_safe_copy=True).eval()
+    obs = {"observation.state": torch.randn(3, STATE_DIM)}
+    policy.backbone.repeat_context = lambda ctx, n: ctx[:]  # a view of the same storage
+    with pytest.raises(RuntimeError, match="share storage"):
+        policy.predict_action_chunk(obs, guidance_scale=2.0)
+    policy.backbone.repeat_context = lambda ctx, n: ctx.repeat(n, 1)  # new storage: accepted
+    assert policy.predict_action_chunk(obs, guidance_scale=2.0).shape[0] == 3

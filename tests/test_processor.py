@@ -1,0 +1,244 @@
+"""The ript processors against LeRobot's real pipelines: the RIPT batch keys survive the preprocessor (fresh,
+saved and reloaded), and the state-dimension adapter pads / truncates and is saved with the pipeline.
+
+The trap these tests document: LeRobot's default `batch_to_transition` keeps only the batch keys it knows.
+`advantages` and `init_hash` vanish silently, and the policy then reads every frame as "good" (plain flow
+matching). Our pipelines use `ript_batch_to_transition`; a converter is not serialised, so a reloaded
+pipeline (including `make_pre_post_processors(cfg, pretrained_path=...)`, which `lerobot-train` uses with
+`--policy.path`) needs `attach_ript_converter`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_dataset
+from lerobot.configs import FeatureType, PipelineFeatureType, PolicyFeature
+from lerobot.datasets.factory import resolve_delta_timestamps
+from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
+from lerobot.policies.factory import make_policy, make_pre_post_processors
+from lerobot.processor import PolicyProcessorPipeline, TransitionKey
+from lerobot.processor.converters import batch_to_transition, create_transition, transition_to_batch
+from lerobot.utils.constants import ACTION, OBS_STATE
+
+from lerobot_ript.policy.configuration_ript import RiptConfig
+from lerobot_ript.policy.modeling_ript import RiptPolicy
+from lerobot_ript.policy.processor_ript import (
+    RIPT_EXTRA_KEYS,
+    StateDimAdapterStep,
+    attach_ript_converter,
+    ript_batch_to_transition,
+)
+
+ADVANTAGES = [0.5, -1.0, 0.0]  # one good, one bad, one null episode
+FRAMES = 10
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These models are tiny: one intra-op thread is faster, and two OpenMP threads spin-wait badly (10x
+    slower measured) when the machine's two cores are shared with other processes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_config(**overrides) -> RiptConfig:
+    kwargs = dict(
+        device="cpu", chunk_size=4, n_action_steps=2, hidden_dim=32, cond_dim=16, num_inference_steps=3
+    )
+    kwargs.update(overrides)
+    return RiptConfig(**kwargs)
+
+
+def open_with_chunks(root: Path, cfg: RiptConfig) -> LeRobotDataset:
+    meta = LeRobotDatasetMetadata("local/tiny", root=root)
+    return LeRobotDataset(
+        "local/tiny", root=root, delta_timestamps=resolve_delta_timestamps(cfg, meta), video_backend="pyav"
+    )
+
+
+def first_batch(ds: LeRobotDataset, batch_size: int) -> dict:
+    return next(iter(torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)))
+
+
+@pytest.fixture(scope="module")
+def adv_dataset(tmp_path_factory) -> Path:
+    """3 episodes x 10 frames, state 6, with `advantages` and `init_hash` columns."""
+    root = tmp_path_factory.mktemp("adv") / "ds"
+    make_tiny_dataset(root, state_dim=6, episodes=3, frames=FRAMES, advantages=ADVANTAGES)
+    return root
+
+
+@pytest.fixture
+def policy_and_processors(adv_dataset: Path):
+    cfg = tiny_config(cfg_dropout_prob=0.0)
+    meta = LeRobotDatasetMetadata("local/tiny", root=adv_dataset)
+    policy = make_policy(cfg, ds_meta=meta)
+    pre, post = make_pre_post_processors(cfg, dataset_stats=meta.stats)
+    raw = first_batch(open_with_chunks(adv_dataset, cfg), batch_size=3 * FRAMES)
+    return cfg, policy, pre, post, raw
+
+
+def assert_ript_keys_equal(processed: dict, raw: dict) -> None:
+    for key in ("advantages", "init_hash"):
+        assert key in processed, f"'{key}' was dropped by the preprocessor"
+        assert torch.equal(torch.as_tensor(processed[key]).cpu(), raw[key]), key
+
+
+def label_shares(policy: RiptPolicy, batch: dict) -> tuple[float, float]:
+    policy.eval()
+    with torch.no_grad():
+        _, metrics = policy.forward(batch)
+    return metrics["share_good"], metrics["share_bad"]
+
+
+# ------------------------------------------------------------------------------------- RIPT keys survive
+def test_ript_keys_reach_forward_through_the_real_preprocessor(policy_and_processors) -> None:
+    cfg, policy, pre, _, raw = policy_and_processors
+    assert raw["advantages"].shape == (3 * FRAMES,)
+    assert sorted(set(raw["init_hash"].tolist())) == [1000, 1001, 1002]
+    processed = pre(raw)
+    assert_ript_keys_equal(processed, raw)
+    # forward reads them: labels follow the sign of each episode's advantage (1/3 good, 1/3 bad, 1/3 null).
+    good, bad = label_shares(policy, processed)
+    assert good == pytest.approx(1 / 3) and bad == pytest.approx(1 / 3)
+
+
+def test_lerobot_default_converter_drops_ript_keys(policy_and_processors) -> None:
+    """The trap: the same steps with LeRobot's `batch_to_transition` lose the keys and every frame trains as
+    'good' without any error."""
+    _, policy, pre, _, raw = policy_and_processors
+    assert all(k not in transition_to_batch(batch_to_transition(raw)) for k in RIPT_EXTRA_KEYS)
+    assert all(k in transition_to_batch(ript_batch_to_transition(raw)) for k in ("advantages", "init_hash"))
+    default = PolicyProcessorPipeline(
+        steps=pre.steps, to_transition=batch_to_transition, to_output=transition_to_batch
+    )
+    processed = default(raw)
+    assert "advantages" not in processed and "init_hash" not in processed
+    assert label_shares(policy, processed) == (1.0, 0.0)
+
+
+def test_ript_keys_survive_a_saved_and_reloaded_pipeline(policy_and_processors, tmp_path: Path) -> None:
+    cfg, policy, pre, post, raw = policy_and_processors
+    pre.save_pretrained(tmp_path)
+    post.save_pretrained(tmp_path)
+    expected = pre(raw)
+
+    reloaded = PolicyProcessorPipeline.from_pretrained(tmp_path, config_filename="policy_preprocessor.json")
+    assert "advantages" not in reloaded(raw)  # the converter is not serialised with the pipeline...
+    attach_ript_converter(reloaded)  # ...so it has to be attached again
+    processed = reloaded(raw)
+    assert_ript_keys_equal(processed, raw)
+    for key in (OBS_STATE, ACTION):
+        torch.testing.assert_close(processed[key], expected[key])
+    assert label_shares(policy, processed) == pytest.approx((1 / 3, 1 / 3))
+
+    # LeRobot's factory (what lerobot-train does with --policy.path) has the same trap and the same fix.
+    via_factory, _ = make_pre_post_processors(cfg, pretrained_path=str(tmp_path))
+    assert "advantages" not in via_factory(raw)
+    assert_ript_keys_equal(attach_ript_converter(via_factory)(raw), raw)
+
+
+def test_advantage_weights_survive_too(policy_and_processors) -> None:
+    _, _, pre, _, raw = policy_and_processors
+    raw = dict(raw, advantage_weights=raw["advantages"].abs())
+    processed = pre(raw)
+    assert torch.equal(processed["advantage_weights"], raw["advantage_weights"])
+
+
+# ---------------------------------------------------------------------------------- StateDimAdapterStep
+def run_step(step: StateDimAdapterStep, obs: dict) -> dict:
+    return step(create_transition(observation=obs))[TransitionKey.OBSERVATION]
+
+
+@pytest.mark.parametrize("shape", [(6,), (3, 6), (3, 2, 6)], ids=["S", "BxS", "BxTxS"])
+def test_state_adapter_pads_with_zeros(shape: tuple[int, ...]) -> None:
+    state = torch.randn(shape)
+    out = run_step(StateDimAdapterStep(target_state_dim=10), {OBS_STATE: state})[OBS_STATE]
+    assert out.shape == (*shape[:-1], 10)
+    torch.testing.assert_close(out[..., :6], state)
+    assert torch.count_nonzero(out[..., 6:]) == 0
+
+
+@pytest.mark.parametrize("shape", [(14,), (3, 14)], ids=["S", "BxS"])
+def test_state_adapter_truncates(shape: tuple[int, ...]) -> None:
+    state = torch.randn(shape)
+    out = run_step(StateDimAdapterStep(target_state_dim=10), {OBS_STATE: state})[OBS_STATE]
+    assert out.shape == (*shape[:-1], 10)
+    torch.testing.assert_close(out, state[..., :10])
+
+
+def test_state_adapter_off_when_none_and_leaves_other_keys() -> None:
+    state, image = torch.randn(3, 6), torch.rand(3, 3, 8, 8)
+    obs = {OBS_STATE: state, "observation.images.top": image}
+    out = run_step(StateDimAdapterStep(target_state_dim=None), obs)
+    assert out[OBS_STATE] is state and out["observation.images.top"] is image
+    out = run_step(StateDimAdapterStep(target_state_dim=4), obs)
+    assert out["observation.images.top"] is image and out[OBS_STATE].shape == (3, 4)
+    assert obs[OBS_STATE] is state  # the caller's observation dict is not rewritten
+    # No state at all (an image-only robot): nothing to adapt.
+    assert run_step(StateDimAdapterStep(target_state_dim=4), {"observation.images.top": image}).keys() == {
+        "observation.images.top"
+    }
+
+
+def test_state_adapter_transforms_features() -> None:
+    features = {PipelineFeatureType.OBSERVATION: {OBS_STATE: PolicyFeature(FeatureType.STATE, (6,))}}
+    out = StateDimAdapterStep(target_state_dim=10).transform_features(features)
+    assert out[PipelineFeatureType.OBSERVATION][OBS_STATE].shape == (10,)
+
+
+def test_state_adapter_saved_and_reloaded_with_the_pipeline(adv_dataset: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(target_state_dim=10)
+    meta = LeRobotDatasetMetadata("local/tiny", root=adv_dataset)
+    policy = make_policy(cfg, ds_meta=meta)
+    pre, post = make_pre_post_processors(cfg, dataset_stats=meta.stats)
+    policy.save_pretrained(tmp_path)
+    pre.save_pretrained(tmp_path)
+    post.save_pretrained(tmp_path)
+
+    pre2, _ = make_pre_post_processors(cfg, pretrained_path=str(tmp_path))
+    steps = [s for s in pre2.steps if isinstance(s, StateDimAdapterStep)]
+    assert len(steps) == 1 and steps[0].target_state_dim == 10
+    raw = first_batch(open_with_chunks(adv_dataset, cfg), batch_size=8)
+    out = pre2(raw)
+    assert out[OBS_STATE].shape == (8, 10)
+    torch.testing.assert_close(out[OBS_STATE], pre(raw)[OBS_STATE])
+    assert torch.count_nonzero(out[OBS_STATE][:, 6:]) == 0
+    assert torch.isfinite(policy.forward(out)[0])
+
+
+@pytest.mark.parametrize("state_dim", [6, 14])
+def test_policy_with_target_state_dim_trains_on_other_state_sizes(tmp_path: Path, state_dim: int) -> None:
+    make_tiny_dataset(tmp_path / "ds", state_dim=state_dim, episodes=2, frames=12, advantages=[1.0, -1.0])
+    cfg = tiny_config(target_state_dim=10)
+    meta = LeRobotDatasetMetadata("local/tiny", root=tmp_path / "ds")
+    torch.manual_seed(0)
+    policy = make_policy(cfg, ds_meta=meta)
+    assert policy.backbone.state_proj[0].in_features == 10
+    pre, _ = make_pre_post_processors(cfg, dataset_stats=meta.stats)
+    loader = torch.utils.data.DataLoader(open_with_chunks(tmp_path / "ds", cfg), batch_size=8, shuffle=True)
+    batches = [pre(b) for b in loader]
+    assert all(b[OBS_STATE].shape[-1] == 10 for b in batches)
+
+    # Without the adapter the raw state is refused with the fix in the message.
+    with pytest.raises(ValueError, match=rf"has {state_dim} dims.*expects 10.*target_state_dim"):
+        policy.forward({**batches[0], OBS_STATE: torch.randn(8, state_dim)})
+
+    state_proj_before = policy.backbone.state_proj[0].weight.detach().clone()
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(10):
+        for batch in batches:
+            loss, _ = policy.forward(batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert not torch.equal(policy.backbone.state_proj[0].weight, state_proj_before)
+    assert sum(losses[-len(batches) :]) < sum(losses[: len(batches)])
