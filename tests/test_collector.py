@@ -1,0 +1,659 @@
+"""GroupedCollector, make_chunk_policy, SeedSampler and evaluate on the real MetaWorld push-v3 env.
+
+Policies here are real `ChunkPolicy` callables (obs dict -> (N, n_steps, 4) numpy): MetaWorld's scripted
+expert (solves push-v3 in 50-71 steps from seeds 0..11, never within 75 steps with random actions), uniform
+random actions, or a mix chosen per sub-env and per initial state, which makes a group's K rewards whatever a
+test needs ([1, 0], [1, 1], [0, 0], ...). Everything is seeded, so every outcome below is deterministic.
+
+Building a MetaWorld env costs about 0.5 s on a loaded 2-core machine, so the collectors of this module draw
+their vector envs from one pool (`EnvPool`) and give them back afterwards; a seeded reset starts a genuinely
+new episode, so a reused env behaves exactly like a fresh one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from lerobot_ript.advantages import rloo_advantages
+from lerobot_ript.data.writer import init_hash_of
+from lerobot_ript.envs.metaworld import (
+    MetaWorldStateEnv,
+    MetaWorldStateEnvConfig,
+    _make_frozen_env,
+    make_vector_env,
+    scripted_expert,
+)
+from lerobot_ript.rollout.collector import GroupedCollector, SeedSampler, make_chunk_policy
+from lerobot_ript.rollout.evaluate import evaluate, wilson_interval
+from lerobot_ript.rollout.sampling import SkipTracker
+
+pytestmark = pytest.mark.filterwarnings("ignore:Constant\\(s\\) may be too high:UserWarning")
+
+TASK = "push-v3"
+ENV_HORIZON = 100  # the env's own truncation; collectors below stop earlier (max_episode_steps)
+EXPERT_HORIZON = 75  # > the 71 steps the expert needs from seeds 0..11
+ACTION_DIM = 4
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def goal_key(state: np.ndarray) -> tuple[float, ...]:
+    """The goal position (dims 36:39), constant within an episode and different between initial states."""
+    return tuple(np.round(np.asarray(state, np.float64)[36:39], 4).tolist())
+
+
+class GroupPolicy:
+    """ChunkPolicy: row r is sub-env r % k of its group (each slot contributes K consecutive rows). It acts as
+    the scripted expert when r % k is in `plan[goal]` (`default` for goals not in the plan), else uniformly at
+    random. Records the batch size of every call and every chunk it returned."""
+
+    def __init__(self, k: int, plan: dict | None = None, default=(), n_steps: int = 1, seed: int = 0):
+        self.k, self.plan, self.default, self.n_steps = k, plan or {}, set(default), n_steps
+        self.rng = np.random.default_rng(seed)
+        self.expert = scripted_expert(TASK)
+        self.calls: list[int] = []
+        self.chunks: list[np.ndarray] = []
+
+    def __call__(self, obs: dict) -> np.ndarray:
+        states = obs["agent_pos"]  # (N, 39)
+        chunk = self.rng.uniform(-1, 1, (len(states), self.n_steps, ACTION_DIM)).astype(np.float32)
+        for r, state in enumerate(states):
+            if r % self.k in self.plan.get(goal_key(state), self.default):
+                chunk[r, :] = self.expert(state)
+        self.calls.append(len(states))
+        self.chunks.append(chunk.copy())
+        return chunk
+
+
+class SeedList:
+    """A seed sampler that returns the given seeds in order (IndexError once they run out)."""
+
+    def __init__(self, seeds: list[int]) -> None:
+        self.seeds, self.drawn = list(seeds), []
+
+    def __call__(self) -> int:
+        seed = self.seeds[len(self.drawn)]
+        self.drawn.append(seed)
+        return seed
+
+
+class EnvPool:
+    """Vector envs of K sub-envs built once per module and lent to collectors."""
+
+    def __init__(self, cfg: MetaWorldStateEnvConfig) -> None:
+        self.cfg, self.free, self.built = cfg, {}, 0
+
+    def factory(self, k: int):
+        def make() -> gym.vector.VectorEnv:
+            if self.free.get(k):
+                return self.free[k].pop()
+            self.built += 1
+            return make_vector_env(self.cfg, k)
+
+        return make
+
+    def give_back(self, env: gym.vector.VectorEnv) -> None:
+        self.free.setdefault(env.num_envs, []).append(env)
+
+    def close(self) -> None:
+        for envs in self.free.values():
+            for env in envs:
+                env.close()
+
+
+@pytest.fixture(scope="module")
+def env_cfg() -> MetaWorldStateEnvConfig:
+    return MetaWorldStateEnvConfig(task=TASK, episode_length=ENV_HORIZON)
+
+
+@pytest.fixture(scope="module")
+def pool(env_cfg):
+    pool = EnvPool(env_cfg)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module")
+def initial_state():
+    """seed -> the initial 39-dim state of that seed, from a separate single env."""
+    env = MetaWorldStateEnv(task=TASK, episode_length=ENV_HORIZON)
+
+    @functools.cache
+    def state(seed: int) -> np.ndarray:
+        return env.reset(seed=seed)[0]["agent_pos"]
+
+    yield state
+    env.close()
+
+
+@contextlib.contextmanager
+def grouped_collector(pool: EnvPool, policy, *, group_size: int, make_env=None, **kwargs):
+    collector = GroupedCollector(
+        make_env or pool.factory(group_size), policy, task=TASK, group_size=group_size, **kwargs
+    )
+    try:
+        yield collector
+    finally:
+        for slot in collector.slots:
+            pool.give_back(slot.env)
+
+
+def groups_of(episodes: list, k: int) -> list[list]:
+    assert len(episodes) % k == 0
+    return [episodes[i : i + k] for i in range(0, len(episodes), k)]
+
+
+def assert_consistent(result, k: int) -> None:
+    """Invariants of CollectionStats that hold for every collect() call."""
+    s, episodes = result.stats, result.episodes
+    assert s.groups_sampled == s.groups_kept + s.groups_dropped + s.groups_faulted
+    assert s.rollouts_kept == len(episodes) == k * s.groups_kept == result.group_rewards.size
+    assert result.group_rewards.shape == (s.groups_kept, k)
+    done = s.groups_kept + s.groups_dropped
+    assert s.share_dropped == pytest.approx(s.groups_dropped / done if done else 0.0)
+    assert s.wall_time_s > 0 and s.steps_per_second == pytest.approx(s.env_steps / s.wall_time_s)
+    assert 0.0 <= s.success_rate <= 1.0
+    assert s.env_steps >= sum(ep.num_frames for ep in episodes)
+    logged = s.as_dict()
+    assert logged["rollout/share_dropped"] == pytest.approx(s.share_dropped)
+    assert logged["rollout/env_steps"] == s.env_steps
+    assert logged["rollout/goal_reached"] == float(s.goal_reached)
+    assert len({id(ep) for ep in episodes}) == len(episodes)  # never the same record twice
+    for group, rewards in zip(groups_of(episodes, k), result.group_rewards, strict=True):
+        np.testing.assert_array_equal(rewards, [float(ep.success) for ep in group])
+
+
+# ---------------------------------------------------------------------------- groups and initial states
+def test_groups_share_initial_state_and_rows_of_one_batched_chunk(pool, initial_state):
+    """2 slots x K=2, 12 steps, random chunks of 4: each group's rollouts start from one state (the state of
+    its seed), slots get their own rows of ONE policy call per chunk, and the next call draws new states."""
+    k, steps = 2, 12
+    policy = GroupPolicy(k, n_steps=4, seed=1)
+    sampler = SeedList([11, 5, 2, 9])
+    with grouped_collector(
+        pool,
+        policy,
+        group_size=k,
+        num_slots=2,
+        goal_rollouts=4,
+        max_groups=2,
+        seed_sampler=sampler,
+        dynamic_sampling=False,
+        max_episode_steps=steps,
+    ) as collector:
+        first = collector.collect()
+        second = collector.collect()
+    assert sampler.drawn == [11, 5, 2, 9]
+    assert policy.calls == [4, 4, 4] * 2  # ceil(12 / 4) calls per round, each batching both slots
+    hashes = []
+    for result, seeds, chunks in ((first, [11, 5], policy.chunks[:3]), (second, [2, 9], policy.chunks[3:])):
+        assert_consistent(result, k)
+        assert result.stats.env_steps == 4 * steps and result.stats.success_rate == 0.0
+        for i, (group, seed) in enumerate(zip(groups_of(result.episodes, k), seeds, strict=True)):
+            start = initial_state(seed)
+            expected_hash = init_hash_of(TASK, start)
+            for j, ep in enumerate(group):
+                assert ep.num_frames == steps and not ep.success and ep.task == TASK
+                np.testing.assert_array_equal(ep.states[0], start)  # equal states, exactly
+                assert ep.init_hash == expected_hash
+                # row i*K + j of every chunk drove sub-env j of slot i
+                np.testing.assert_array_equal(ep.actions, np.concatenate([c[i * k + j] for c in chunks]))
+            assert not np.array_equal(group[0].states[-1], group[1].states[-1])  # two real rollouts
+            hashes.append(expected_hash)
+    assert len(set(hashes)) == 4  # different seeds, different initial states
+
+
+def test_same_seed_in_two_slots_gives_equal_hashes_but_distinct_rollouts(pool):
+    k = 2
+    policy = GroupPolicy(k, n_steps=4, seed=2)
+    with grouped_collector(
+        pool,
+        policy,
+        group_size=k,
+        num_slots=2,
+        goal_rollouts=4,
+        max_groups=2,
+        seed_sampler=SeedSampler(pool_size=1, start=7),
+        dynamic_sampling=False,
+        max_episode_steps=8,
+    ) as collector:
+        result = collector.collect()
+    assert_consistent(result, k)
+    assert len({ep.init_hash for ep in result.episodes}) == 1
+    actions = [ep.actions for ep in result.episodes]
+    assert all(not np.array_equal(a, b) for i, a in enumerate(actions) for b in actions[i + 1 :])
+
+
+def test_without_dynamic_sampling_every_group_is_kept_until_the_goal(pool):
+    """All-equal groups are kept (with zero advantage), over as many rounds as the goal needs."""
+    k = 2
+    policy = GroupPolicy(k, n_steps=4, seed=3)
+    with grouped_collector(
+        pool,
+        policy,
+        group_size=k,
+        num_slots=2,
+        goal_rollouts=6,
+        max_groups=10,
+        seed_sampler=SeedSampler(pool_size=100, seed=3),
+        dynamic_sampling=False,
+        max_episode_steps=6,
+    ) as collector:
+        result = collector.collect()
+    assert_consistent(result, k)
+    s = result.stats
+    assert (s.groups_sampled, s.groups_kept, s.groups_dropped) == (3, 3, 0)  # rounds of 2 + 1 groups
+    assert s.goal_reached and s.rollouts_kept == 6
+    assert policy.calls == [4, 4, 2, 2]  # the second round starts only the one group still needed
+    assert [ep.advantage for ep in result.episodes] == [0.0] * 6
+    assert s.env_steps == sum(ep.num_frames for ep in result.episodes) == 6 * 6
+
+
+# ------------------------------------------------------------------------------------------ advantages
+def test_rloo_advantages_of_episodes_match_their_group_rewards(pool, initial_state):
+    """K=3, one slot, two rounds: rewards [1, 0, 0] and [1, 1, 0] from the real env; each episode carries
+    A_i = R_i - mean(other rewards) of its own group."""
+    k = 3
+    plan = {goal_key(initial_state(3)): {0}, goal_key(initial_state(6)): {0, 1}}
+    policy = GroupPolicy(k, plan, seed=4)
+    with grouped_collector(
+        pool,
+        policy,
+        group_size=k,
+        num_slots=1,
+        goal_rollouts=6,
+        max_groups=4,
+        seed_sampler=SeedList([3, 6]),
+        max_episode_steps=EXPERT_HORIZON,
+    ) as collector:
+        result = collector.collect()
+    assert_consistent(result, k)
+    np.testing.assert_array_equal(result.group_rewards, [[1, 0, 0], [1, 1, 0]])
+    expected = rloo_advantages(torch.from_numpy(result.group_rewards)).reshape(-1).tolist()
+    assert [ep.advantage for ep in result.episodes] == pytest.approx(expected)
+    assert [ep.advantage for ep in result.episodes] == pytest.approx([1, -0.5, -0.5, 0.5, 0.5, -1])
+    for group, rewards in zip(groups_of(result.episodes, k), result.group_rewards, strict=True):
+        for i, ep in enumerate(group):
+            assert ep.advantage == pytest.approx(rewards[i] - np.delete(rewards, i).mean())
+            # a success ends the episode at the success step; a failure runs to the horizon
+            assert ep.num_frames < EXPERT_HORIZON if ep.success else ep.num_frames == EXPERT_HORIZON
+
+
+# ------------------------------------------------------------------------------------ dynamic sampling
+def test_dynamic_sampling_drops_all_equal_groups_and_samples_more(pool, initial_state):
+    """Round 1: seed 3 fails in both rollouts, seed 6 succeeds in both: both dropped. Round 2: seeds 8 and 9
+    give [1, 0]: kept, goal of 4 reached. Dropped groups still count for the success rate and the skip tracker."""
+    k = 2
+    plan = {
+        goal_key(initial_state(6)): {0, 1},
+        goal_key(initial_state(8)): {0},
+        goal_key(initial_state(9)): {0},
+    }
+    policy = GroupPolicy(k, plan, seed=5)
+    tracker = SkipTracker(1)
+    with grouped_collector(
+        pool,
+        policy,
+        group_size=k,
+        num_slots=2,
+        goal_rollouts=4,
+        max_groups=10,
+        seed_sampler=SeedList([3, 6, 8, 9]),
+        skip_tracker=tracker,
+        max_episode_steps=EXPERT_HORIZON,
+    ) as collector:
+        result = collector.collect()
+    assert_consistent(result, k)
+    s = result.stats
+    assert (s.groups_sampled, s.groups_kept, s.groups_dropped, s.groups_faulted) == (4, 2, 2, 0)
+    assert s.goal_reached and s.share_dropped == 0.5
+    assert s.success_rate == pytest.approx(4 / 8)  # 0 + 2 + 1 + 1 successes over all 8 rollouts
+    assert [ep.init_hash for ep in result.episodes] == [
+        init_hash_of(TASK, initial_state(s)) for s in (8, 8, 9, 9)
+    ]
+    assert [ep.success for ep in result.episodes] == [True, False, True, False]
+    assert [ep.advantage for ep in result.episodes] == [1.0, -1.0, 1.0, -1.0]
+    # the dropped groups were simulated: 2 x 75 steps for seed 3, two expert runs for seed 6
+    assert s.env_steps > sum(ep.num_frames for ep in result.episodes) + 2 * EXPERT_HORIZON
+    assert tracker.num_skipping == 1  # seed 6's all-success group, although dropped, counts for skipping
+
+
+def test_dynamic_sampling_stops_at_max_groups_without_padding(pool, initial_state, caplog):
+    """A policy that always fails never reaches the goal: exactly max_groups groups (rounds of 2 + 1), no
+    episode, a warning; a short-of-goal batch holds only real rollouts, never copies to fill the goal."""
+    k = 2
+    with (
+        grouped_collector(
+            pool,
+            GroupPolicy(k, n_steps=4, seed=6),
+            group_size=k,
+            num_slots=2,
+            goal_rollouts=4,
+            max_groups=3,
+            seed_sampler=SeedSampler(pool_size=100, seed=6),
+            max_episode_steps=8,
+        ) as collector,
+        caplog.at_level(logging.WARNING, logger="lerobot_ript.rollout.collector"),
+    ):
+        failed = collector.collect()
+    assert_consistent(failed, k)
+    s = failed.stats
+    assert (s.groups_sampled, s.groups_dropped, s.rollouts_kept) == (3, 3, 0) and not s.goal_reached
+    assert failed.episodes == [] and failed.group_rewards.shape == (0, k) and s.share_dropped == 1.0
+    assert "max_groups=3" in caplog.text
+
+    plan = {goal_key(initial_state(8)): {0}}
+    with grouped_collector(
+        pool,
+        GroupPolicy(k, plan, seed=7),
+        group_size=k,
+        num_slots=1,
+        goal_rollouts=6,
+        max_groups=1,
+        seed_sampler=SeedList([8]),
+        max_episode_steps=EXPERT_HORIZON,
+    ) as collector:
+        short = collector.collect()
+    assert_consistent(short, k)
+    assert not short.stats.goal_reached and short.stats.rollouts_kept == len(short.episodes) == 2
+    a, b = short.episodes
+    assert a is not b and a.success and not b.success and a.num_frames < b.num_frames == EXPERT_HORIZON
+    assert not np.shares_memory(a.actions, b.actions) and not np.shares_memory(a.states, b.states)
+
+
+# -------------------------------------------------------------------------------------------- skipping
+def test_skip_tracker_skips_a_solved_state_then_retries_it(pool, initial_state):
+    """threshold=2, the expert solves every state. Seed 3 is solved twice, so the next two draws of seed 3 are
+    skipped (seed 6 runs instead); after those 2 skips its history is cleared and seed 3 runs again."""
+    k = 2
+    tracker = SkipTracker(2)
+    sampler = SeedList([3, 3, 3, 6, 3, 3])
+    policy = GroupPolicy(k, default={0, 1})
+    runs, skipped = [], []
+    with grouped_collector(
+        pool,
+        policy,
+        group_size=k,
+        num_slots=1,
+        goal_rollouts=k,
+        max_groups=1,
+        seed_sampler=sampler,
+        skip_tracker=tracker,
+        dynamic_sampling=False,
+        max_episode_steps=EXPERT_HORIZON,
+    ) as collector:
+        for _ in range(4):
+            result = collector.collect()
+            assert_consistent(result, k)
+            assert result.stats.success_rate == 1.0
+            runs.append(result.episodes[0].init_hash)
+            skipped.append(result.stats.skipped_states)
+    h3, h6 = (init_hash_of(TASK, initial_state(s)) for s in (3, 6))
+    assert sampler.drawn == [3, 3, 3, 6, 3, 3]
+    assert runs == [h3, h3, h6, h3] and skipped == [0, 0, 1, 1]
+    assert tracker.state_dict()["streaks"] == {str(h3): 1, str(h6): 1}  # seed 3's history restarted
+
+    # A state whose groups fail is never skipped, even with threshold 1.
+    failing = SkipTracker(1)
+    with grouped_collector(
+        pool,
+        GroupPolicy(k, n_steps=4, seed=8),
+        group_size=k,
+        num_slots=1,
+        goal_rollouts=k,
+        max_groups=1,
+        seed_sampler=SeedList([3, 3, 3]),
+        skip_tracker=failing,
+        dynamic_sampling=False,
+        max_episode_steps=6,
+    ) as collector:
+        assert all(collector.collect().stats.skipped_states == 0 for _ in range(3))
+    assert failing.num_skipping == 0
+
+
+# ---------------------------------------------------------------------------------------------- faults
+class FaultyEnv(gym.Wrapper):
+    """Raises in reset, or in the `at`-th step, once."""
+
+    def __init__(self, env: gym.Env, where: str, at: int) -> None:
+        super().__init__(env)
+        self.where, self.at, self.steps, self.closed = where, at, 0, False
+
+    def reset(self, **kwargs):
+        if self.where == "reset":
+            raise RuntimeError("injected reset fault")
+        return super().reset(**kwargs)
+
+    def step(self, action):
+        self.steps += 1
+        if self.where == "step" and self.steps == self.at:
+            raise RuntimeError("injected step fault")
+        return super().step(action)
+
+    def close(self):
+        self.closed = True
+        super().close()
+
+
+@pytest.mark.parametrize("where", ["reset", "step"])
+def test_env_fault_costs_only_its_group_and_the_slot_is_rebuilt(pool, env_cfg, where, caplog):
+    """The first vector env built has a sub-env that raises (in reset, or at its 5th step). Its group is
+    discarded and counted, its slot gets a new env, the other slot's group is kept, and collection goes on
+    until the goal; the next collect() has no fault."""
+    k, steps, at = 2, 8, 5
+    built: list[gym.vector.VectorEnv] = []
+    faulty: list[FaultyEnv] = []
+
+    def make_group_env() -> gym.vector.VectorEnv:
+        if built:  # every rebuild is a healthy env
+            env = pool.factory(k)()
+        else:
+
+            def bad_env() -> gym.Env:
+                faulty.append(FaultyEnv(_make_frozen_env(env_cfg.gym_kwargs), where, at))
+                return faulty[-1]
+
+            fns = [bad_env] + [functools.partial(_make_frozen_env, env_cfg.gym_kwargs)] * (k - 1)
+            env = gym.vector.SyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+        built.append(env)
+        return env
+
+    policy = GroupPolicy(k, n_steps=4, seed=9)
+    with (
+        grouped_collector(
+            pool,
+            policy,
+            group_size=k,
+            make_env=make_group_env,
+            num_slots=2,
+            goal_rollouts=6,
+            max_groups=10,
+            seed_sampler=SeedSampler(pool_size=100, seed=9),
+            dynamic_sampling=False,
+            max_episode_steps=steps,
+        ) as collector,
+        caplog.at_level(logging.WARNING, logger="lerobot_ript.rollout.collector"),
+    ):
+        result = collector.collect()
+        after = collector.collect()
+    assert_consistent(result, k)
+    s = result.stats
+    assert (s.groups_faulted, s.groups_kept, s.groups_sampled) == (1, 3, 4) and s.goal_reached
+    assert len(built) == 3 and faulty[0].closed  # 2 slots + 1 rebuild; the broken env was closed
+    assert collector.slots[0].env is built[2]
+    assert all(ep.num_frames == steps for ep in result.episodes)
+    # the faulted group's steps before the fault were simulated and counted, its rollouts are not returned
+    partial = 0 if where == "reset" else k * (at - 1)
+    assert s.env_steps == sum(ep.num_frames for ep in result.episodes) + partial
+    assert f"injected {where} fault" in caplog.text and "rebuilding" in caplog.text
+    assert_consistent(after, k)
+    assert after.stats.groups_faulted == 0 and after.stats.rollouts_kept == 6 and len(built) == 3
+
+
+# --------------------------------------------------------------------------------------- seed sampler
+def test_seed_sampler_range_and_exact_resume():
+    sampler = SeedSampler(pool_size=5, start=100, seed=1)
+    first = [sampler() for _ in range(50)]
+    assert set(first) == set(range(100, 105))
+    state = sampler.state_dict()
+    expected = [sampler() for _ in range(20)]
+    resumed = SeedSampler(pool_size=5, start=100, seed=999)
+    resumed.load_state_dict(state)
+    assert [resumed() for _ in range(20)] == expected
+    with pytest.raises(ValueError, match="pool_size"):
+        SeedSampler(pool_size=0)
+
+
+def test_collector_rejects_bad_settings(pool):
+    with pytest.raises(ValueError, match="RLOO"):
+        GroupedCollector(
+            pool.factory(2),
+            None,
+            task=TASK,
+            group_size=1,
+            num_slots=1,
+            goal_rollouts=1,
+            max_groups=1,
+            seed_sampler=SeedSampler(1),
+        )
+    built = []
+
+    def wrong_size():
+        built.append(pool.factory(2)())
+        return built[-1]
+
+    with pytest.raises(ValueError, match="expected rloo_batch_size=3"):
+        GroupedCollector(
+            wrong_size,
+            None,
+            task=TASK,
+            group_size=3,
+            num_slots=1,
+            goal_rollouts=1,
+            max_groups=1,
+            seed_sampler=SeedSampler(1),
+        )
+    assert built[0].closed  # the rejected env is not leaked
+
+
+# -------------------------------------------------------------------------------- a real ript policy
+@pytest.fixture(scope="module")
+def ript_policy(tmp_path_factory):
+    """A tiny RiptPolicy made by LeRobot's make_policy from 2 recorded push-v3 demos, with its processors;
+    weights perturbed so that the good and null branches differ (adaLN-zero init makes them equal)."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+    from lerobot.policies.factory import make_policy, make_pre_post_processors
+
+    from lerobot_ript.data.record_demos import record_demos
+    from lerobot_ript.policy.configuration_ript import RiptConfig
+
+    root = Path(tmp_path_factory.mktemp("demos")) / "push"
+    record_demos(TASK, 2, 0.3, root, episode_length=30)
+    meta = LeRobotDatasetMetadata("local/push-v3-demos", root=root)
+    cfg = RiptConfig(
+        device="cpu",
+        chunk_size=8,
+        n_action_steps=4,
+        hidden_dim=32,
+        cond_dim=16,
+        num_denoiser_layers=1,
+        num_inference_steps=3,
+    )
+    policy = make_policy(cfg, ds_meta=meta)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    policy.eval()
+    pre, post = make_pre_post_processors(cfg, dataset_stats=meta.stats)
+    return policy, pre, post, meta
+
+
+def test_make_chunk_policy_with_a_real_ript_policy(ript_policy, pool):
+    from lerobot.envs.utils import preprocess_observation
+
+    policy, pre, post, meta = ript_policy
+    env = pool.factory(3)()
+    try:
+        obs, _ = env.reset(seed=[1, 2, 3])
+    finally:
+        pool.give_back(env)
+    threads = torch.get_num_threads()
+    chunks = {}
+    for w in (1.0, 2.0):
+        act = make_chunk_policy(policy, pre, post, guidance_scale=w, n_action_steps=4)
+        torch.manual_seed(123)
+        chunks[w] = act(obs)
+        assert torch.get_num_threads() == threads  # restored after inference on 1 thread
+        torch.manual_seed(123)
+        with torch.inference_mode():
+            manual = policy.predict_action_chunk(pre(preprocess_observation(obs)), guidance_scale=w)[:, :4]
+        np.testing.assert_allclose(chunks[w], post(manual).numpy(), rtol=1e-5, atol=1e-6)
+    for chunk in chunks.values():
+        assert isinstance(chunk, np.ndarray) and chunk.shape == (3, 4, ACTION_DIM)
+        assert np.isfinite(chunk).all()
+        # unnormalised with the demo statistics: within a few demo std of the demo mean, in action units
+        mean, std = meta.stats["action"]["mean"], meta.stats["action"]["std"]
+        assert (np.abs(chunk - mean) < 6 * std + 0.5).all() and np.abs(chunk).max() < 5
+    assert not np.allclose(chunks[1.0], chunks[2.0], atol=1e-4)  # guidance changes the actions
+
+
+def test_collector_runs_a_real_ript_policy_in_batched_chunks(ript_policy, pool):
+    policy, pre, post, _ = ript_policy
+    act = make_chunk_policy(policy, pre, post, guidance_scale=1.5, n_action_steps=4)
+    calls = []
+
+    def counted(obs):
+        calls.append(len(obs["agent_pos"]))
+        return act(obs)
+
+    with grouped_collector(
+        pool,
+        counted,
+        group_size=2,
+        num_slots=2,
+        goal_rollouts=4,
+        max_groups=2,
+        seed_sampler=SeedSampler(pool_size=100),
+        dynamic_sampling=False,
+        max_episode_steps=8,
+    ) as collector:
+        result = collector.collect()
+    assert_consistent(result, 2)
+    assert calls == [4, 4]  # two chunks of 4 steps, both slots in each call
+    assert all(ep.num_frames == 8 and np.isfinite(ep.actions).all() for ep in result.episodes)
+
+
+# ------------------------------------------------------------------------------------------- evaluate
+def test_wilson_interval_known_values():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    lo, hi = wilson_interval(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == 1.0
+    lo, hi = wilson_interval(40, 50)
+    assert lo < 0.8 < hi and hi - lo < wilson_interval(4, 5)[1] - wilson_interval(4, 5)[0]  # narrower with n
+    (lo3, hi3), (lo7, hi7) = wilson_interval(3, 10), wilson_interval(7, 10)
+    assert math.isclose(lo3, 1 - hi7) and math.isclose(hi3, 1 - lo7)  # symmetric in successes / failures
+
+
+def test_evaluate_is_independent_of_how_seeds_are_batched(env_cfg):
+    """The expert solves seeds 3, 6, 8 (success read from the env); 2 envs (one padded slot) or 1 env at a
+    time give the same per-seed results and the same count of real env steps."""
+    expert = GroupPolicy(1, default={0})
+    make = functools.partial(make_vector_env, env_cfg)
+    batched = evaluate(make, expert, [3, 6, 8], num_envs=2, max_episode_steps=EXPERT_HORIZON)
+    single = evaluate(make, expert, [3, 6, 8], num_envs=1, max_episode_steps=EXPERT_HORIZON)
+    assert batched.successes.tolist() == single.successes.tolist() == [True, True, True]
+    assert batched.env_steps == single.env_steps < 3 * EXPERT_HORIZON
+    assert batched.success_rate == 1.0
+
+    failing = evaluate(make, GroupPolicy(1, n_steps=4), [3, 6, 8], num_envs=2, max_episode_steps=6)
+    assert failing.successes.tolist() == [False] * 3 and failing.env_steps == 3 * 6
