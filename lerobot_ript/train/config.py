@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lerobot_ript.advantages import AdvantageProcessor
 from lerobot_ript.envs import MetaWorldStateEnvConfig
-from lerobot_ript.policy.configuration_ript import RiptConfig
+from lerobot_ript.policy.configuration_ript import RiptConfig, _choice_error
 
 
 def _default_policy() -> RiptConfig:
@@ -291,9 +291,7 @@ def _require(ok: bool, name: str, value, rule: str) -> None:
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
-        close = difflib.get_close_matches(value, valid, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"{name}={value!r} is not one of {list(valid)}.{hint}")
+        raise _choice_error(name, value, valid)
 
 
 def known_keys(cls=RiptTrainConfig, prefix: str = "") -> set[str]:
