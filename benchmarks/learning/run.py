@@ -161,11 +161,39 @@ def report(out: Path) -> Path:
     fig.tight_layout()
     fig.savefig(out / "success.png", dpi=100)
     plt.close(fig)
+    lines += _summary(results, sft_hist)
     path = out / "RESULTS.md"
     path.write_text(
         "\n".join(lines) + "\n\nArms:\n" + "\n".join(f"- `{k}`: {v[0]}" for k, v in ARMS.items()) + "\n"
     )
     return path
+
+
+def _summary(results: list[dict], sft_hist: list[dict]) -> list[str]:
+    """Per arm: seeds, mean final success, pooled 95% Wilson interval over all seeds' final evaluations."""
+    from lerobot_ript.rollout.evaluate import wilson_interval
+
+    start = sft_hist[-1]["success_rate"] if sft_hist else float("nan")
+    out = [
+        "",
+        "Per arm (final evaluation, pooled over seeds):",
+        "",
+        "| arm | seeds | mean success % | pooled 95% CI | change vs SFT (points) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name in ARMS:
+        finals = [r["history"][-1] for r in results if r["arm"] == name]
+        if not finals:
+            continue
+        wins = sum(round(h["success_rate"] * h["n"]) for h in finals)
+        n = sum(h["n"] for h in finals)
+        lo, hi = wilson_interval(wins, n)
+        mean = sum(h["success_rate"] for h in finals) / len(finals)
+        out.append(
+            f"| {name} | {len(finals)} | {100 * mean:.1f} | {100 * lo:.1f}-{100 * hi:.1f} | "
+            f"{100 * (mean - start):+.1f} |"
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
