@@ -35,6 +35,10 @@ ARMS: dict[str, tuple[str, list[str]]] = {
         "RIPT without guidance (w = 1, no label dropout)",
         ["--policy.cfg_dropout_prob=0", "--rollout.guidance_scale=1", "--eval.guidance_scale=1"],
     ),
+    "ript_u100": (
+        "diagnostic: RIPT with 100 update steps per iteration (instead of 30)",
+        ["--optim.update_steps_per_iteration=100"],
+    ),
     "weighted": (
         "advantage-weighted flow matching (standard normalisation, softplus negatives)",
         [
