@@ -166,6 +166,14 @@ def report(out: Path) -> Path:
     fig.savefig(out / "success.png", dpi=100)
     plt.close(fig)
     lines += _summary(results, sft_hist)
+    iters = {r["arm"] + str(r["seed"]): r["history"][-1]["iteration"] for r in results}
+    if iters:
+        lines += [
+            "",
+            "RIPT iterations (each iteration = collection + optim.update_steps_per_iteration updates) per run: "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(iters.items()))
+            + ".",
+        ]
     path = out / "RESULTS.md"
     path.write_text(
         "\n".join(lines) + "\n\nArms:\n" + "\n".join(f"- `{k}`: {v[0]}" for k, v in ARMS.items()) + "\n"
