@@ -46,9 +46,7 @@ def make_tiny_dataset(
     if advantages is not None:
         features["advantages"] = {"dtype": "float32", "shape": (1,), "names": None}
         features["init_hash"] = {"dtype": "int64", "shape": (1,), "names": None}
-    ds = LeRobotDataset.create(
-        repo_id="local/tiny", fps=fps, features=features, root=root, use_videos=False
-    )
+    ds = LeRobotDataset.create(repo_id="local/tiny", fps=fps, features=features, root=root, use_videos=False)
     for ep in range(episodes):
         for _ in range(frames):
             frame = {
@@ -76,3 +74,13 @@ def tiny_dataset_factory(tmp_path):
         return make_tiny_dataset(tmp_path / f"ds{counter['n']}", **kwargs)
 
     return _make
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: one intra-op thread is faster, and two OpenMP threads spin-wait badly (10x slower
+    measured) when the machine's two cores are shared with other processes. Restores the count after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -30,14 +30,7 @@ from lerobot_ript.policy.processor_ript import StateDimAdapterStep
 STATE_DIM, ACTION_DIM, CHUNK = 5, 2, 4
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These models are tiny: one intra-op thread is faster, and two OpenMP threads spin-wait badly (10x
-    slower measured) when the machine's two cores are shared with other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------------ helpers

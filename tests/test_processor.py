@@ -36,14 +36,7 @@ ADVANTAGES = [0.5, -1.0, 0.0]  # one good, one bad, one null episode
 FRAMES = 10
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These models are tiny: one intra-op thread is faster, and two OpenMP threads spin-wait badly (10x
-    slower measured) when the machine's two cores are shared with other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(**overrides) -> RiptConfig:
