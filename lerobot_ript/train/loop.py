@@ -77,7 +77,7 @@ class Run:
     postprocessor: object
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    demos: list[EpisodeRecord]
+    demo_data: RiptDataset  # demonstration frames, labelled good
     state: RunState
     metrics: MetricsWriter
 
@@ -194,11 +194,18 @@ def setup(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
             config=_flat_config(cfg),
             init_kwargs={"wandb": {"name": cfg.experiment_name, "dir": str(out)}},
         )
-    run = Run(
-        cfg, accelerator, policy, pre, post, optimizer, scheduler, [], state, MetricsWriter(accelerator, out)
+    return Run(
+        cfg,
+        accelerator,
+        policy,
+        pre,
+        post,
+        optimizer,
+        scheduler,
+        demo_data,
+        state,
+        MetricsWriter(accelerator, out),
     )
-    run.demo_data = demo_data
-    return run
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -579,8 +586,6 @@ _TRAIN_KEYS = (
 
 def _complete(metrics: dict[str, float]) -> dict[str, float]:
     """Same keys on every rank (a rank with no rollouts has no advantage stats): fill gaps with NaN."""
-    from lerobot_ript.advantages import AdvantageOutput  # noqa: F401  (documents where the stats come from)
-
     keys = [
         f"advantage/{k}"
         for k in (
