@@ -6,15 +6,17 @@ sub-envs (steps of finished, frozen sub-envs are not counted). The policy is the
 (hidden 256, chunk 8, 4 executed actions per chunk, 10 Euler steps), built by LeRobot's `make_policy` from a
 few scripted demos; its weights are untrained, which does not change its cost.
 
-- ours: `GroupedCollector` with `make_chunk_policy`, num_envs / 2 groups of K = 2 (the RIPT layout: one vector
-  env of K per initial state, all slots batched into ONE policy call per chunk), dynamic sampling off, one
-  round per repeat. Also `ours_one_group`: one slot of K = num_envs, the same vector-env layout as LeRobot's.
+- ours: `GroupedCollector` with `make_chunk_policy`, num_envs / K groups of K = `--group-size` (default 2), one
+  vector env of K per initial state, all slots batched into ONE policy call per chunk, dynamic sampling off, one
+  round per repeat. The training configs' layout (8 groups per round, K = 8) is `--num-envs 64 --group-size 8`. Also `ours_one_group`: one slot of K = num_envs, the same vector-env layout as LeRobot's.
 - lerobot: `lerobot.scripts.lerobot_eval.rollout` on `make_env`'s vector env of num_envs, with the env and
   policy processors LeRobot's eval uses (`make_env_pre_post_processors`, `make_pre_post_processors`). Run at
   the process's torch thread count (what `lerobot-eval` gets) and at 1 thread (what our collector uses for
   inference), so the ratio is shown with and without the thread setting.
 - random: the same vector env stepped with uniform random actions, no policy: the ceiling.
-- ours_no_inference (diagnostic): our collector (4 x K=2) with a zero-cost random chunk policy, i.e. the
+- ours_overlap: ours with `overlap_inference=True`: half of the groups step while the other half's next chunk is
+  inferred on a worker thread.
+- ours_no_inference (diagnostic): our collector (same layout as ours) with a zero-cost random chunk policy, i.e. the
   collector's own cost on top of the env; and `ours_inference_share`: the share of our wall time spent inside
   the batched policy call.
 
@@ -58,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", default="push-v3", help="MetaWorld v3 task (default: push-v3).")
     parser.add_argument(
         "--num-envs", type=int, default=8, help="Sub-envs stepped together, even, >= 2 (default 8)."
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=2,
+        help="K, rollouts per initial state in `ours` (default 2; training configs use 8).",
     )
     parser.add_argument(
         "--episode-length", type=int, default=150, help="Episode horizon in steps (default 150)."
@@ -129,7 +137,7 @@ class Variants:
         def no_inference(obs: dict) -> np.ndarray:
             return self.rng.uniform(-1, 1, (len(obs["agent_pos"]), 4, 4)).astype(np.float32)
 
-        def collector(k: int, policy=timed_policy) -> GroupedCollector:
+        def collector(k: int, policy=timed_policy, overlap: bool = False) -> GroupedCollector:
             return GroupedCollector(
                 lambda: make_vector_env(self.env_cfg, k),
                 policy,
@@ -141,12 +149,14 @@ class Variants:
                 seed_sampler=self._next_seed,
                 dynamic_sampling=False,
                 max_episode_steps=self.length,
+                overlap_inference=overlap,
             )
 
         self.collectors = {
-            "ours": collector(2),
+            "ours": collector(args.group_size),
+            "ours_overlap": collector(args.group_size, overlap=True),
             "ours_one_group": collector(self.n),
-            "ours_no_inference": collector(2, no_inference),
+            "ours_no_inference": collector(args.group_size, no_inference),
         }
         self.threads = torch.get_num_threads()
 
@@ -213,6 +223,7 @@ class Variants:
     def table(self) -> dict[str, Callable[[], tuple[int, float]]]:
         return {
             "ours": lambda: self.ours("ours"),
+            "ours_overlap": lambda: self.ours("ours_overlap"),
             "ours_one_group": lambda: self.ours("ours_one_group"),
             "ours_no_inference": lambda: self.ours("ours_no_inference"),
             "lerobot": lambda: self.lerobot(self.threads),
@@ -254,6 +265,9 @@ def run(args: argparse.Namespace) -> dict:
         "ours_vs_lerobot": medians["ours"] / medians["lerobot"],
         "ours_vs_lerobot_1thread": medians["ours"] / medians["lerobot_1thread"],
         "ours_vs_random": medians["ours"] / medians["random"],
+        "ours_overlap_vs_lerobot": medians["ours_overlap"] / medians["lerobot"],
+        "ours_overlap_vs_lerobot_1thread": medians["ours_overlap"] / medians["lerobot_1thread"],
+        "ours_overlap_vs_random": medians["ours_overlap"] / medians["random"],
         "ours_one_group_vs_lerobot": medians["ours_one_group"] / medians["lerobot"],
         "ours_one_group_vs_random": medians["ours_one_group"] / medians["random"],
         "ours_no_inference_vs_random": medians["ours_no_inference"] / medians["random"],
@@ -269,7 +283,10 @@ def run(args: argparse.Namespace) -> dict:
             "repeats": args.repeats,
             "policy": "ript small: hidden 256, 3 denoiser layers, chunk 8, n_action_steps 4, 10 Euler steps, "
             "untrained, guidance 1",
-            "ours_layout": f"{args.num_envs // 2} groups x K=2 (ours), 1 group x K={args.num_envs} (ours_one_group)",
+            "ours_layout": (
+                f"{args.num_envs // args.group_size} groups x K={args.group_size} (ours), "
+                f"1 group x K={args.num_envs} (ours_one_group)"
+            ),
         },
         "machine": {
             "cpus": os.cpu_count(),
@@ -283,6 +300,10 @@ def run(args: argparse.Namespace) -> dict:
         "targets": {
             f"ours_vs_lerobot>={TARGET_VS_LEROBOT}": ratios["ours_vs_lerobot"] >= TARGET_VS_LEROBOT,
             f"ours_vs_random>={TARGET_VS_RANDOM}": ratios["ours_vs_random"] >= TARGET_VS_RANDOM,
+            f"ours_overlap_vs_lerobot>={TARGET_VS_LEROBOT}": ratios["ours_overlap_vs_lerobot"]
+            >= TARGET_VS_LEROBOT,
+            f"ours_overlap_vs_random>={TARGET_VS_RANDOM}": ratios["ours_overlap_vs_random"]
+            >= TARGET_VS_RANDOM,
         },
         "samples": samples,
         "profile_top": profile,
@@ -315,7 +336,11 @@ def write_markdown(results: dict, path: Path) -> None:
         runs = ", ".join(f"{s['steps_per_s']:.0f}" for s in results["samples"][name])
         lines.append(f"| {name} | {value:.0f} | {runs} |")
     lines += ["", "| ratio | value | target |", "| --- | ---: | --- |"]
-    targets = {"ours_vs_lerobot": f">= {TARGET_VS_LEROBOT}", "ours_vs_random": f">= {TARGET_VS_RANDOM}"}
+    targets = {
+        f"{v}_vs_{base}": f">= {target}"
+        for v in ("ours", "ours_overlap")
+        for base, target in (("lerobot", TARGET_VS_LEROBOT), ("random", TARGET_VS_RANDOM))
+    }
     for name, value in r.items():
         lines.append(f"| {name} | {value:.2f} | {targets.get(name, '')} |")
     lerobot = [x["steps_per_s"] for x in results["samples"]["lerobot"]]
@@ -328,6 +353,8 @@ def write_markdown(results: dict, path: Path) -> None:
         " as `lerobot-eval` does; our collector runs inference on 1 thread. On a shared machine, multi-threaded"
         " inference stalls whenever another process holds a core, so this baseline swings with the load"
         f" (here {min(lerobot):.0f} to {max(lerobot):.0f} steps/s). `lerobot_1thread` compares the pipelines alone.",
+        "- `ours_overlap` is `ours` with `overlap_inference=True` (`rollout.overlap_inference`): half of the"
+        " groups step their envs while the policy infers the other half's next chunk on a worker thread.",
         "- `ours_inference_share` is the share of our wall time inside the batched policy call;"
         " `ours_no_inference` is the same collector with a zero-cost policy: the collector's own overhead on top"
         " of the env.",
@@ -340,8 +367,11 @@ def write_markdown(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.num_envs < 2 or args.num_envs % 2:
-        raise SystemExit(f"--num-envs={args.num_envs} must be even and >= 2 (groups of K=2).")
+    if args.group_size < 2 or args.num_envs < args.group_size or args.num_envs % args.group_size:
+        raise SystemExit(
+            f"--num-envs={args.num_envs} must be a multiple of --group-size={args.group_size} (>= 2): "
+            "the envs are split into groups of K."
+        )
     if args.repeats < 1:
         raise SystemExit(f"--repeats={args.repeats} must be >= 1.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -358,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"ours {m['ours']:.0f} steps/s | LeRobot rollout {m['lerobot']:.0f} ({m['lerobot_1thread']:.0f} on 1 thread)"
         f" | random {m['random']:.0f} | ours/LeRobot {r['ours_vs_lerobot']:.2f}x (target >= {TARGET_VS_LEROBOT}) | "
-        f"ours/random {r['ours_vs_random']:.2f}x (target >= {TARGET_VS_RANDOM}) | results in {out}"
+        f"ours/random {r['ours_vs_random']:.2f}x (target >= {TARGET_VS_RANDOM}) | ours_overlap {m['ours_overlap']:.0f}"
+        f" steps/s: /LeRobot {r['ours_overlap_vs_lerobot']:.2f}x, /random {r['ours_overlap_vs_random']:.2f}x"
+        f" | results in {out}"
     )
     return 0
 

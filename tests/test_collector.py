@@ -257,6 +257,65 @@ def test_without_dynamic_sampling_every_group_is_kept_until_the_goal(pool):
     assert s.env_steps == sum(ep.num_frames for ep in result.episodes) == 6 * 6
 
 
+class StatePolicy:
+    """Deterministic ChunkPolicy: each row's chunk depends on its own state only (the scripted expert plus a
+    state-dependent wobble that makes some rollouts fail), so a row's actions do not depend on which other rows
+    share its batch. Records the thread and batch size of every call."""
+
+    def __init__(self, n_steps: int) -> None:
+        self.n_steps, self.expert = n_steps, scripted_expert(TASK)
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, obs: dict) -> np.ndarray:
+        import threading
+
+        states = obs["agent_pos"]
+        self.calls.append((threading.current_thread().name, len(states)))
+        rows = [
+            np.clip(self.expert(s) + 0.2 * np.sin(1e3 * s[:ACTION_DIM] + s[36] * 1e2), -1, 1) for s in states
+        ]
+        return np.repeat(np.stack(rows)[:, None].astype(np.float32), self.n_steps, axis=1)
+
+
+def test_overlapped_inference_gives_the_same_rollouts_with_half_batches_on_a_worker_thread(pool):
+    """overlap_inference=True: half of the slots step while the other half's chunk is inferred on the worker
+    thread; with a policy whose rows depend on their own state only, every rollout equals the sequential one."""
+    k, seeds = 2, [3, 8, 1, 6, 4, 10]
+    results, policies = {}, {}
+    for overlap in (False, True):
+        policies[overlap] = StatePolicy(n_steps=4)
+        with grouped_collector(
+            pool,
+            policies[overlap],
+            group_size=k,
+            num_slots=3,
+            goal_rollouts=6,
+            max_groups=3,
+            seed_sampler=SeedList(seeds),
+            dynamic_sampling=False,
+            max_episode_steps=EXPERT_HORIZON,
+            overlap_inference=overlap,
+        ) as collector:
+            results[overlap] = [collector.collect(), collector.collect()]
+            collector.close_executor()
+            assert collector._executor is None
+    for seq, ovl in zip(results[False], results[True], strict=True):
+        assert_consistent(ovl, k)
+        assert ovl.stats.env_steps == seq.stats.env_steps
+        for a, b in zip(seq.episodes, ovl.episodes, strict=True):
+            assert (a.init_hash, a.success, a.num_frames) == (b.init_hash, b.success, b.num_frames)
+            np.testing.assert_array_equal(a.states, b.states)
+            np.testing.assert_array_equal(a.actions, b.actions)
+    successes = [ep.success for r in results[True] for ep in r.episodes]
+    assert any(successes) and not all(successes)  # episodes of different lengths: the halves drift apart
+    seq_calls, ovl_calls = policies[False].calls, policies[True].calls
+    assert {name for name, _ in seq_calls} == {"MainThread"} and {n for _, n in seq_calls} <= {2, 4, 6}
+    # slots 0 and 2 form one half (first chunk inferred in line), slot 1 the other (on the worker thread)
+    workers = [n for name, n in ovl_calls if name.startswith("ript-inference")]
+    assert workers and len(workers) >= len(ovl_calls) // 2 - 1
+    assert max(n for _, n in ovl_calls) <= 4 and sum(n for _, n in ovl_calls) >= sum(n for _, n in seq_calls)
+
+
 # ------------------------------------------------------------------------------------------ advantages
 def test_rloo_advantages_of_episodes_match_their_group_rewards(pool, initial_state):
     """K=3, one slot, two rounds: rewards [1, 0, 0] and [1, 1, 0] from the real env; each episode carries

@@ -17,7 +17,18 @@ SCRIPT = ROOT / "benchmarks" / "learning" / "run.py"
 
 def _run(tmp_path: Path, arms: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(SCRIPT), "all", "--quick", "--seeds", "0", "--arms", *arms, "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "all",
+        "--quick",
+        "--seeds",
+        "0",
+        "--arms",
+        *arms,
+        "--out",
+        str(tmp_path),
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 

@@ -361,6 +361,7 @@ def test_debug_run_metrics_plot_and_learning_rates(debug_run):
         "memory/max_rss_mb",
         "time/collect_s",
         "time/update_s",
+        "train/update_steps",
     ]
     for row in iters:
         missing = [k for k in wanted if not isinstance(row.get(k), float | int)]
@@ -711,3 +712,27 @@ def test_update_step_takes_one_step_per_call_and_rejects_a_wrong_micro_batch_cou
         update_step(policy, halves, optimizer, scheduler, acc, 0.5)
         assert len(info["steps"]) == scheduler.scheduler.last_epoch == call
     assert info["syncs"] == [False, True] * 4
+
+
+@pytest.mark.parametrize(
+    ("scale", "groups_sampled", "expected"),
+    [(False, 16, 30), (True, 8, 30), (True, 16, 60), (True, 12, 45), (True, 0, 1)],
+)
+def test_update_steps_scale_with_collection_rounds(fresh_accelerate_state, scale, groups_sampled, expected):
+    """With optim.scale_updates_with_rounds, an iteration that dynamic sampling stretched to two rounds of
+    groups_per_round groups makes twice the updates (equal optimizer steps per collected episode)."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from lerobot_ript.rollout.collector import CollectionStats
+    from lerobot_ript.train.config import RiptTrainConfig
+    from lerobot_ript.train.loop import update_steps
+
+    cfg = RiptTrainConfig()
+    cfg.rollout.groups_per_round = 8
+    cfg.optim.update_steps_per_iteration = 30
+    cfg.optim.scale_updates_with_rounds = scale
+    run = SimpleNamespace(cfg=cfg, accelerator=Accelerator(cpu=True))
+    result = SimpleNamespace(stats=CollectionStats(groups_sampled=groups_sampled))
+    assert update_steps(run, result) == expected

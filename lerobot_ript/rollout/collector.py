@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import gymnasium as gym
@@ -117,6 +118,7 @@ class GroupedCollector:
         dynamic_sampling: bool = True,
         max_episode_steps: int = 200,
         record_images: bool = False,
+        overlap_inference: bool = False,
     ) -> None:
         if group_size < 2:
             raise ValueError(
@@ -133,6 +135,12 @@ class GroupedCollector:
         self.record_images = record_images
         self._seed_hash: dict[int, int] = {}  # seed -> init_hash (initial states are seed-determined)
         self.slots = [_Slot(env=self._build_env()) for _ in range(num_slots)]
+        # overlap_inference: half of the slots step while the policy infers the other half's next chunk
+        self._executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ript-inference")
+            if overlap_inference and num_slots >= 2
+            else None
+        )
 
     def _build_env(self) -> gym.vector.VectorEnv:
         env = self.make_group_env()
@@ -144,7 +152,14 @@ class GroupedCollector:
             )
         return env
 
+    def close_executor(self) -> None:
+        """Stop the inference worker thread (overlap_inference); the next collect() infers in line."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
     def close(self) -> None:
+        self.close_executor()
         for slot in self.slots:
             slot.env.close()
 
@@ -236,26 +251,43 @@ class GroupedCollector:
 
     def _run_round(self, slots: list[_Slot], stats: CollectionStats) -> None:
         live = [s for s in slots if not s.faulted]
-        for _ in range(self.max_episode_steps):
-            live = [s for s in live if not s.faulted and not s.done.all()]
-            if not live:
-                return
-            obs = {k: np.concatenate([s.obs[k] for s in live]) for k in live[0].obs if k != "pixels"}
-            if "pixels" in live[0].obs:
-                obs["pixels"] = {
-                    cam: np.concatenate([s.obs["pixels"][cam] for s in live]) for cam in live[0].obs["pixels"]
-                }
-            chunk = self.policy(obs)  # (len(live)*K, n_steps, A)
-            for j in range(chunk.shape[1]):
-                for i, slot in enumerate(live):
-                    if slot.faulted or slot.done.all():
-                        continue
-                    stats.env_steps += self._step_slot(slot, chunk[i * self.k : (i + 1) * self.k, j])
-                if all(s.faulted or s.done.all() for s in live):
+        if self._executor is not None and len(live) >= 2:
+            self._run_pipelined([live[0::2], live[1::2]], stats)
+        else:
+            for _ in range(self.max_episode_steps):  # each chunk steps every live slot at least once
+                live = _unfinished(live)
+                if not live:
                     break
-        for slot in live:  # horizon reached: the rest are truncated
+                self._step_chunk(live, self.policy(_batch_obs(live)), stats)
+        for slot in slots:  # horizon reached: the rest are truncated
             if slot.done is not None:
                 slot.done[:] = True
+
+    def _run_pipelined(self, halves: list[list[_Slot]], stats: CollectionStats) -> None:
+        """Two halves of the slots, phase-shifted: while one half steps its envs with its chunk, the policy
+        infers the other half's next chunk on the worker thread (torch releases the GIL in its kernels)."""
+        ready = _unfinished(halves[0])
+        chunk = self.policy(_batch_obs(ready)) if ready else None
+        waiting = halves[1]
+        for _ in range(2 * self.max_episode_steps):
+            waiting = _unfinished(waiting)
+            future = self._executor.submit(self.policy, _batch_obs(waiting)) if waiting else None
+            if ready:
+                self._step_chunk(ready, chunk, stats)
+            chunk = future.result() if future is not None else None
+            ready, waiting = waiting, ready
+            if not ready and not _unfinished(waiting):
+                break
+
+    def _step_chunk(self, live: list[_Slot], chunk: np.ndarray, stats: CollectionStats) -> None:
+        """Step every live slot through the chunk's actions (chunk rows: slot i owns rows i*K..(i+1)*K)."""
+        for j in range(chunk.shape[1]):
+            for i, slot in enumerate(live):
+                if slot.faulted or slot.done.all():
+                    continue
+                stats.env_steps += self._step_slot(slot, chunk[i * self.k : (i + 1) * self.k, j])
+            if all(s.faulted or s.done.all() for s in live):
+                break
 
     def _step_slot(self, slot: _Slot, actions: np.ndarray) -> int:
         alive = ~slot.done
@@ -299,6 +331,20 @@ class GroupedCollector:
                 )
             )
         return episodes
+
+
+def _unfinished(slots: list[_Slot]) -> list[_Slot]:
+    return [s for s in slots if not s.faulted and not s.done.all()]
+
+
+def _batch_obs(live: list[_Slot]) -> dict:
+    """One batched observation of the live slots' sub-envs, slot after slot."""
+    obs = {k: np.concatenate([s.obs[k] for s in live]) for k in live[0].obs if k != "pixels"}
+    if "pixels" in live[0].obs:
+        obs["pixels"] = {
+            cam: np.concatenate([s.obs["pixels"][cam] for s in live]) for cam in live[0].obs["pixels"]
+        }
+    return obs
 
 
 def make_chunk_policy(

@@ -48,6 +48,10 @@ class RolloutConfig:
     max_train_episodes: int = 0
     # Use gymnasium AsyncVectorEnv (processes) instead of SyncVectorEnv; sync is faster on 2 cores.
     use_async_envs: bool = False
+    # Infer one half of the groups' next action chunk on a worker thread while the other half steps its envs
+    # (needs groups_per_round >= 2). Faster wherever inference and env stepping can run side by side (a GPU,
+    # or a spare CPU core); on a CPU already busy with other processes it gains nothing.
+    overlap_inference: bool = False
 
 
 ESTIMATORS = ("rloo", "success")
@@ -115,6 +119,11 @@ class OptimConfig:
     gradient_accumulation_steps: int = 1
     # Optimizer steps per RIPT iteration (>= 1).
     update_steps_per_iteration: int = 30
+    # Count update_steps_per_iteration per collection round (rollout.groups_per_round x rloo_batch_size
+    # episodes) instead of per iteration: an iteration that dynamic sampling stretched to two rounds then
+    # makes twice the updates, so every collected episode buys the same number of optimizer steps (at an
+    # equal episode budget, dynamic sampling otherwise halves the updates). Same count on every rank.
+    scale_updates_with_rounds: bool = False
     # Mixed precision: no | bf16 | fp16 (fp16 needs CUDA; on a CPU it is reported and not used).
     mixed_precision: str = "no"
     # Shorthand from the design notes: true = bf16 when mixed_precision is "no".

@@ -282,6 +282,17 @@ def training_batches(run: Run, rollouts: RiptDataset | None, generator: torch.Ge
     return next_batch
 
 
+def update_steps(run: Run, result) -> int:
+    """Optimizer steps for this iteration: `update_steps_per_iteration`, times the collection rounds run when
+    `optim.scale_updates_with_rounds` (the mean over ranks, so every rank steps the same number of times)."""
+    cfg = run.cfg
+    steps = cfg.optim.update_steps_per_iteration
+    if not cfg.optim.scale_updates_with_rounds:
+        return steps
+    groups = reduce_metrics({"groups": float(result.stats.groups_sampled)}, run.accelerator)["groups"]
+    return max(1, round(steps * groups / cfg.rollout.groups_per_round))
+
+
 def updates(
     run: Run, next_batch, steps: int, *, step_scheduler: bool = True, desc: str | None = None
 ) -> dict[str, float]:
@@ -408,6 +419,7 @@ def make_collector(run: Run) -> GroupedCollector:
         skip_tracker=tracker,
         dynamic_sampling=r.enable_dynamic_sampling,
         max_episode_steps=cfg.env.episode_length,
+        overlap_inference=r.overlap_inference,
     )
     collector._seed_hash.update({int(k): v for k, v in run.state.seed_hash.items()})
     return collector
@@ -443,9 +455,11 @@ def train(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
             rollouts = _replay_dataset(run)  # 3. training batches
             t1 = time.perf_counter()
             gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank * 104_729 + it)
-            train_metrics = updates(
-                run, training_batches(run, rollouts, gen), cfg.optim.update_steps_per_iteration
-            )
+            n_updates = update_steps(run, result)
+            train_metrics = {
+                **updates(run, training_batches(run, rollouts, gen), n_updates),
+                "train/update_steps": float(n_updates),
+            }
             timings["time/update_s"] = time.perf_counter() - t1  # 4. updates
             local = {**result.stats.as_dict(), **adv_stats, **train_metrics, **timings}
             metrics = reduce_metrics(_complete(local), accelerator)  # 5. log
