@@ -3,7 +3,7 @@
     python benchmarks/learning/run.py sft                 # demos + the shared SFT checkpoint (+ held-out eval)
     python benchmarks/learning/run.py arm --arm ript --seed 0
     python benchmarks/learning/run.py report              # RESULTS.md + success.png from every finished run
-    python benchmarks/learning/run.py all [--quick] [--seeds 0 1 2] [--arms ript bc ...]
+    python benchmarks/learning/run.py all [--quick] [--seeds 0 1 2] [--arms ript bc ...] [--jobs 2]
 
 Every arm starts from the same SFT checkpoint and stops after `rollout.max_train_episodes` training rollouts;
 success is measured on held-out initial states (seeds >= 1,000,000, never trained on) with 200 episodes per
@@ -18,6 +18,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -48,6 +49,9 @@ ARMS: dict[str, tuple[str, list[str]]] = {
         ],
     ),
 }
+
+# The issue's six arms; `all` runs these (ript_u100 is a diagnostic, run on request with --arms).
+MAIN_ARMS = ["ript", "bc", "filtered", "no_dynamic", "no_guidance", "weighted"]
 
 QUICK = [
     "--env.episode_length=30",
@@ -148,20 +152,13 @@ def report(out: Path) -> Path:
         "| arm | seed | final success % (95% CI) | training episodes | eval episodes | wall time (min) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
         h = r["history"][-1]
         lines.append(
             f"| {r['arm']} | {r['seed']} | {100 * h['success_rate']:.1f} ({100 * h['ci_low']:.1f}-"
             f"{100 * h['ci_high']:.1f}) | {h['episodes']} | {h['n']} | {r['wall_time_s'] / 60:.1f} |"
         )
-        xs = [p["episodes"] for p in r["history"]]
-        ax.plot(xs, [p["success_rate"] for p in r["history"]], marker="o", label=f"{r['arm']} s{r['seed']}")
-    ax.set_xlabel("training episodes")
-    ax.set_ylabel("held-out success rate")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    fig, ax = _plot(plt, results, sft_hist)
     fig.tight_layout()
     fig.savefig(out / "success.png", dpi=100)
     plt.close(fig)
@@ -179,6 +176,38 @@ def report(out: Path) -> Path:
         "\n".join(lines) + "\n\nArms:\n" + "\n".join(f"- `{k}`: {v[0]}" for k, v in ARMS.items()) + "\n"
     )
     return path
+
+
+def _plot(plt, results: list[dict], sft_hist: list[dict]):
+    """Success against training episodes: per arm, the mean over seeds (thick, from the SFT point at 0 episodes)
+    and each seed (thin)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    start = [(0, sft_hist[-1]["success_rate"])] if sft_hist else []
+    top = max([y for _, y in start] + [p["success_rate"] for r in results for p in r["history"]] + [0.0])
+    for i, name in enumerate(a for a in ARMS if any(r["arm"] == a for r in results)):
+        color = f"C{i}"
+        runs = [r for r in results if r["arm"] == name]
+        points: dict[int, list[float]] = {}
+        for r in runs:
+            xy = start + [(p["episodes"], p["success_rate"]) for p in r["history"]]
+            ax.plot(*zip(*xy, strict=True), color=color, alpha=0.3, linewidth=0.8)
+            for x, y in xy:
+                points.setdefault(x, []).append(y)
+        xs = sorted(points)
+        ax.plot(
+            xs,
+            [sum(points[x]) / len(points[x]) for x in xs],
+            color=color,
+            marker="o",
+            linewidth=2,
+            label=f"{name} (mean of {len(runs)} seed{'s' if len(runs) > 1 else ''})",
+        )
+    ax.set_xlabel("training episodes")
+    ax.set_ylabel("held-out success rate (200 episodes per point)")
+    ax.set_ylim(0, min(1.0, top + 0.2))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig, ax
 
 
 def _summary(results: list[dict], sft_hist: list[dict]) -> list[str]:
@@ -212,11 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["sft", "arm", "report", "all"])
     p.add_argument("--arm", choices=sorted(ARMS), default="ript")
-    p.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(ARMS))
+    p.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=MAIN_ARMS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=HERE / "runs")
     p.add_argument("--quick", action="store_true", help="seconds-long smoke run (numbers mean nothing)")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="arms run side by side by `all` (one CPU core each; default 1)"
+    )
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     if a.command == "sft":
@@ -224,9 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     elif a.command == "arm":
         arm(a.out, a.arm, a.seed, a.quick)
     elif a.command == "all":
-        for seed in a.seeds:
-            for name in a.arms:
-                arm(a.out, name, seed, a.quick)
+        sft(a.out, a.quick)
+        runs = [(name, seed) for seed in a.seeds for name in a.arms]
+        with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:  # each arm is its own process
+            for future in [pool.submit(arm, a.out, name, seed, a.quick) for name, seed in runs]:
+                future.result()
     path = report(a.out)
     sys.stdout.write(path.read_text())
     return 0
