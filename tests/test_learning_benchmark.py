@@ -28,6 +28,8 @@ def _run(tmp_path: Path, arms: list[str]) -> subprocess.CompletedProcess:
         *arms,
         "--out",
         str(tmp_path),
+        "--jobs",
+        "2",  # two arms side by side, each its own process
     ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
