@@ -23,6 +23,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from lerobot_ript.train.hub import (
     REDACTED,
     PushResult,
+    build_retry_command,
     is_transient_error,
     push_folder_with_retry,
     redact_secrets,
@@ -150,6 +151,26 @@ def test_hub_down_returns_retry_command_without_raising_or_leaking_token(outage,
         for text in (repr(result), caplog.text, (policy_folder / "README.md").read_text()):
             assert TOKEN not in text
         assert hub.token_leaks(TOKEN) == []
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "env_endpoint", "prefix"),
+    [
+        (None, "http://127.0.0.1:9/", "HF_ENDPOINT=http://127.0.0.1:9 "),  # from HF_ENDPOINT: carried
+        ("http://hub.local:8080", "https://huggingface.co", "HF_ENDPOINT=http://hub.local:8080 "),
+        (None, "https://huggingface.co", ""),  # the public Hub needs no prefix
+        ("https://huggingface.co/", "http://127.0.0.1:9", ""),
+    ],
+)
+def test_retry_command_names_any_non_public_server(
+    monkeypatch, policy_folder, endpoint, env_endpoint, prefix
+):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", env_endpoint.rstrip("/"))  # what HF_ENDPOINT sets at import
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    command = build_retry_command(policy_folder, REPO, endpoint=endpoint)
+    assert command == f"{prefix}hf upload {REPO} {policy_folder.resolve()} --repo-type model"
 
 
 def test_retry_command_pushes_once_the_hub_is_back(policy_folder, tmp_path):

@@ -108,12 +108,14 @@ def build_retry_command(
 ) -> str:
     """The `hf upload` command that performs the same push as `push_folder_with_retry`; never holds a token.
 
-    An explicit non-default `endpoint` (and a disabled Xet backend) are carried as environment prefixes, so the
-    command reaches the same server. The token comes from `HF_TOKEN` or `hf auth login` when it runs.
+    A server other than the public Hub (`endpoint`, or HF_ENDPOINT when it is None) and a disabled Xet backend
+    are carried as environment prefixes, so the command reaches the same server from any shell. The token comes
+    from `HF_TOKEN` or `hf auth login` when it runs.
     """
     env = []
-    if endpoint is not None and endpoint.rstrip("/") != constants.ENDPOINT.rstrip("/"):
-        env.append(f"HF_ENDPOINT={shlex.quote(endpoint)}")
+    server = (endpoint or constants.ENDPOINT).rstrip("/")
+    if server != constants._HF_DEFAULT_ENDPOINT.rstrip("/"):
+        env.append(f"HF_ENDPOINT={shlex.quote(server)}")
     if constants.HF_HUB_DISABLE_XET:
         env.append("HF_HUB_DISABLE_XET=1")
     args = ["hf", "upload", repo_id, str(Path(folder).resolve())]
