@@ -235,3 +235,19 @@ def test_policy_with_target_state_dim_trains_on_other_state_sizes(tmp_path: Path
     assert all(torch.isfinite(torch.tensor(losses)))
     assert not torch.equal(policy.backbone.state_proj[0].weight, state_proj_before)
     assert sum(losses[-len(batches) :]) < sum(losses[: len(batches)])
+
+
+@pytest.mark.parametrize("dim", [3, 5, 7])
+def test_pad_or_truncate_numpy_and_torch_agree(dim):
+    """One helper serves the dataset (numpy) and the processor step (torch): same values, same type back."""
+    import numpy as np
+
+    from lerobot_ript.shapes import pad_or_truncate
+
+    x = np.arange(2 * 3 * 5, dtype=np.float32).reshape(2, 3, 5)
+    out_np, out_t = pad_or_truncate(x, dim), pad_or_truncate(torch.from_numpy(x), dim)
+    assert isinstance(out_np, np.ndarray) and isinstance(out_t, torch.Tensor)
+    assert out_np.shape == (2, 3, dim) and out_np.dtype == np.float32
+    np.testing.assert_array_equal(out_np, out_t.numpy())
+    np.testing.assert_array_equal(out_np[..., : min(dim, 5)], x[..., : min(dim, 5)])
+    assert not out_np[..., 5:].any()  # padding is zeros

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from lerobot_ript.data.writer import EpisodeRecord
+from lerobot_ript.shapes import pad_or_truncate
 
 CATEGORIES = ("good", "bad", "neutral", "demo")
 
@@ -121,7 +122,7 @@ class RiptDataset(torch.utils.data.Dataset):
                 f"an episode has {len(states)} states and {len(actions)} actions; need equal, > 0."
             )
         if self.target_state_dim is not None:
-            states = _pad_or_truncate(states, self.target_state_dim)
+            states = pad_or_truncate(states, self.target_state_dim)
         self._states.append(states)
         self._actions.append(actions)
         self._adv.append(adv)
@@ -240,9 +241,3 @@ def _column(hf, key: str, n: int) -> np.ndarray:
     if key not in hf.column_names:
         return np.zeros((n, 0), np.float32)
     return np.asarray(hf[key], dtype=np.float32).reshape(n, -1)
-
-
-def _pad_or_truncate(x: np.ndarray, dim: int) -> np.ndarray:
-    if x.shape[1] >= dim:
-        return x[:, :dim]
-    return np.pad(x, ((0, 0), (0, dim - x.shape[1])))

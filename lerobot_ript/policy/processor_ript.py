@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from lerobot.configs import FeatureType, PipelineFeatureType, PolicyFeature
 from lerobot.processor import (
     ObservationProcessorStep,
@@ -27,6 +26,7 @@ from lerobot.processor.factory import make_default_policy_processor_steps, make_
 from lerobot.utils.constants import OBS_STATE
 
 from lerobot_ript.policy.configuration_ript import RiptConfig
+from lerobot_ript.shapes import pad_or_truncate
 
 RIPT_EXTRA_KEYS = ("advantages", "advantage_weights", "init_hash")
 
@@ -46,16 +46,6 @@ def attach_ript_converter(preprocessor: PolicyProcessorPipeline) -> PolicyProces
     """Make a (reloaded) preprocessor keep the RIPT keys. Returns the same pipeline."""
     preprocessor.to_transition = ript_batch_to_transition
     return preprocessor
-
-
-def pad_or_truncate(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Zero-pad or truncate the last dimension of `x` (..., S) to `dim`."""
-    size = x.shape[-1]
-    if size == dim:
-        return x
-    if size > dim:
-        return x[..., :dim]
-    return F.pad(x, (0, dim - size))
 
 
 @ProcessorStepRegistry.register(name="ript_state_dim_adapter")
