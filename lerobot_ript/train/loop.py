@@ -102,14 +102,15 @@ def build_accelerator(cfg: RiptTrainConfig) -> Accelerator:
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
     used = accelerator.mixed_precision
-    if accelerator.device.type == "cpu" and used == "fp16":
-        logger.warning("mixed_precision=fp16 has no effect on a CPU: training runs in float32.")
-    logger.info(
-        "Accelerate: %d process(es), device %s, mixed precision %s.",
-        accelerator.num_processes,
-        accelerator.device,
-        used,
-    )
+    if accelerator.is_main_process:  # said once, not once per rank
+        if accelerator.device.type == "cpu" and used == "fp16":
+            logger.warning("mixed_precision=fp16 has no effect on a CPU: training runs in float32.")
+        logger.info(
+            "Accelerate: %d process(es), device %s, mixed precision %s.",
+            accelerator.num_processes,
+            accelerator.device,
+            used,
+        )
     return accelerator
 
 
