@@ -12,6 +12,7 @@ group; its slot is rebuilt and the fault counted.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,9 @@ from lerobot_ript.data.writer import EpisodeRecord, init_hash_of
 from lerobot_ript.rollout.sampling import SkipTracker, group_has_signal
 
 logger = logging.getLogger(__name__)
+
+# GIL switch interval while inference overlaps env stepping (Python's default is 5 ms)
+SWITCH_INTERVAL_S = 2e-4
 
 # obs dict of a vector env (numpy, leading dim N) -> action chunk (N, n_steps, action_dim) numpy
 ChunkPolicy = Callable[[dict], np.ndarray]
@@ -266,18 +270,25 @@ class GroupedCollector:
     def _run_pipelined(self, halves: list[list[_Slot]], stats: CollectionStats) -> None:
         """Two halves of the slots, phase-shifted: while one half steps its envs with its chunk, the policy
         infers the other half's next chunk on the worker thread (torch releases the GIL in its kernels)."""
-        ready = _unfinished(halves[0])
-        chunk = self.policy(_batch_obs(ready)) if ready else None
-        waiting = halves[1]
-        for _ in range(2 * self.max_episode_steps):
-            waiting = _unfinished(waiting)
-            future = self._executor.submit(self.policy, _batch_obs(waiting)) if waiting else None
-            if ready:
-                self._step_chunk(ready, chunk, stats)
-            chunk = future.result() if future is not None else None
-            ready, waiting = waiting, ready
-            if not ready and not _unfinished(waiting):
-                break
+        switch = sys.getswitchinterval()
+        # the worker dispatches hundreds of small torch ops, each re-taking the GIL from the stepping thread:
+        # a short switch interval keeps it from waiting up to 5 ms per op
+        sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
+        try:
+            ready = _unfinished(halves[0])
+            chunk = self.policy(_batch_obs(ready)) if ready else None
+            waiting = halves[1]
+            for _ in range(2 * self.max_episode_steps):
+                waiting = _unfinished(waiting)
+                future = self._executor.submit(self.policy, _batch_obs(waiting)) if waiting else None
+                if ready:
+                    self._step_chunk(ready, chunk, stats)
+                chunk = future.result() if future is not None else None
+                ready, waiting = waiting, ready
+                if not ready and not _unfinished(waiting):
+                    break
+        finally:
+            sys.setswitchinterval(switch)
 
     def _step_chunk(self, live: list[_Slot], chunk: np.ndarray, stats: CollectionStats) -> None:
         """Step every live slot through the chunk's actions (chunk rows: slot i owns rows i*K..(i+1)*K)."""
