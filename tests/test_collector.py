@@ -280,8 +280,11 @@ class StatePolicy:
 def test_overlapped_inference_gives_the_same_rollouts_with_half_batches_on_a_worker_thread(pool):
     """overlap_inference=True: half of the slots step while the other half's chunk is inferred on the worker
     thread; with a policy whose rows depend on their own state only, every rollout equals the sequential one."""
+    import sys
+
     k, seeds = 2, [3, 8, 1, 6, 4, 10]
     results, policies = {}, {}
+    switch_interval = sys.getswitchinterval()
     for overlap in (False, True):
         policies[overlap] = StatePolicy(n_steps=4)
         with grouped_collector(
@@ -297,6 +300,7 @@ def test_overlapped_inference_gives_the_same_rollouts_with_half_batches_on_a_wor
             overlap_inference=overlap,
         ) as collector:
             results[overlap] = [collector.collect(), collector.collect()]
+            assert sys.getswitchinterval() == switch_interval  # shortened during overlapped rounds only
             collector.close_executor()
             assert collector._executor is None
     for seq, ovl in zip(results[False], results[True], strict=True):
