@@ -4,6 +4,8 @@
     python benchmarks/learning/run.py arm --arm ript --seed 0
     python benchmarks/learning/run.py report              # RESULTS.md + success.png from every finished run
     python benchmarks/learning/run.py all [--quick] [--seeds 0 1 2] [--arms ript bc ...] [--jobs 2]
+    python benchmarks/learning/run.py all --arms ript filtered --seeds 0 --out benchmarks/learning/runs_3840 \
+        --set rollout.max_train_episodes=3840 eval.eval_interval=10   # a larger budget (link runs/sft there)
 
 Every arm starts from the same SFT checkpoint and stops after `rollout.max_train_episodes` training rollouts;
 success is measured on held-out initial states (seeds >= 1,000,000, never trained on) with 200 episodes per
@@ -101,7 +103,7 @@ def sft(out: Path, quick: bool) -> Path:
     return run_dir
 
 
-def arm(out: Path, name: str, seed: int, quick: bool) -> Path:
+def arm(out: Path, name: str, seed: int, quick: bool, extra: tuple[str, ...] = ()) -> Path:
     sft_dir = sft(out, quick)
     run_dir = out / f"{name}_seed{seed}"
     if (run_dir / "result.json").exists():
@@ -115,7 +117,7 @@ def arm(out: Path, name: str, seed: int, quick: bool) -> Path:
         "--data.dataset_id=local/demos",
         f"--data.dataset_root={sft_dir / 'demos'}",
     ]
-    wall = _train(args + (QUICK if quick else []) + overrides, out / f"{name}_seed{seed}.log")
+    wall = _train(args + (QUICK if quick else []) + overrides + list(extra), out / f"{name}_seed{seed}.log")
     history = json.loads(
         sorted((run_dir / "checkpoints").glob("0*/training_state/ript_state_0.json"))[-1].read_text()
     )["history"]
@@ -249,17 +251,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--jobs", type=int, default=1, help="arms run side by side by `all` (one CPU core each; default 1)"
     )
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra overrides for every arm (not the SFT run), e.g. rollout.max_train_episodes=3840; use a "
+        "separate --out (the SFT checkpoint can be linked there: it is reused when present)",
+    )
     a = p.parse_args(argv)
+    extra = tuple(f"--{kv.removeprefix('--')}" for kv in a.set)
     a.out.mkdir(parents=True, exist_ok=True)
     if a.command == "sft":
         sft(a.out, a.quick)
     elif a.command == "arm":
-        arm(a.out, a.arm, a.seed, a.quick)
+        arm(a.out, a.arm, a.seed, a.quick, extra)
     elif a.command == "all":
         sft(a.out, a.quick)
         runs = [(name, seed) for seed in a.seeds for name in a.arms]
         with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:  # each arm is its own process
-            for future in [pool.submit(arm, a.out, name, seed, a.quick) for name, seed in runs]:
+            for future in [pool.submit(arm, a.out, name, seed, a.quick, extra) for name, seed in runs]:
                 future.result()
     path = report(a.out)
     sys.stdout.write(path.read_text())
