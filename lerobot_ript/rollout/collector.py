@@ -1,7 +1,9 @@
 """Grouped rollout collection with the RIPT-VLA sampling rules.
 
 K = `group_size` rollouts start from the same initial state (one gymnasium vector env of K sub-envs per group
-slot, reset with K equal seeds); every slot steps in lockstep with ONE batched policy call per action chunk.
+slot, reset with K equal seeds); every slot steps in lockstep with ONE batched policy call per action chunk
+(with `overlap_inference`, two half-batches, phase-shifted: one half steps while the other half's chunk is
+inferred on a worker thread).
 Groups whose K rewards are all equal carry no RLOO signal and are dropped (dynamic sampling); more groups are
 sampled until `goal_rollouts` rollouts with signal are kept or `max_groups` groups were tried. Without dynamic
 sampling every finished group is kept, and only as many groups are started as the goal needs. A state solved
