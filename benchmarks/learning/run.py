@@ -165,14 +165,7 @@ def report(out: Path) -> Path:
     fig.savefig(out / "success.png", dpi=100)
     plt.close(fig)
     lines += _summary(results, sft_hist)
-    iters = {r["arm"] + str(r["seed"]): r["history"][-1]["iteration"] for r in results}
-    if iters:
-        lines += [
-            "",
-            "RIPT iterations (each iteration = collection + optim.update_steps_per_iteration updates) per run: "
-            + ", ".join(f"{k}: {v}" for k, v in sorted(iters.items()))
-            + ".",
-        ]
+    lines += _rollout_table(out, results)
     path = out / "RESULTS.md"
     path.write_text(
         "\n".join(lines) + "\n\nArms:\n" + "\n".join(f"- `{k}`: {v[0]}" for k, v in ARMS.items()) + "\n"
@@ -210,6 +203,43 @@ def _plot(plt, results: list[dict], sft_hist: list[dict]):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig, ax
+
+
+def _rollout_table(out: Path, results: list[dict]) -> list[str]:
+    """Per run, from its metrics.jsonl: iterations, optimizer steps, rollout success and the share of groups
+    without signal (all K rollouts equal), against that share if every initial state had the same success
+    rate p (p^K + (1-p)^K): a larger measured share means per-state success is spread (many states never or
+    always solved), which is what limits the RLOO signal per episode."""
+    lines = [
+        "",
+        "Rollouts and updates per run (means over iterations):",
+        "",
+        "| arm | seed | iterations | optimizer steps | rollout success % | groups without signal % | "
+        "same, if every state had the mean success rate % |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        run_dir = out / f"{r['arm']}_seed{r['seed']}"
+        metrics = run_dir / "metrics.jsonl"
+        if not metrics.exists():
+            continue
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if '"rollout/' in line]
+        if not rows:
+            continue
+        cfg_file = run_dir / "checkpoints" / "last" / "pretrained_model" / "train_config.json"
+        per_iteration = json.loads(cfg_file.read_text())["optim"]["update_steps_per_iteration"]
+        steps = sum(row.get("train/update_steps", per_iteration) for row in rows)
+        success = [row["rollout/success_rate"] for row in rows]
+        k = json.loads(cfg_file.read_text())["rollout"]["rloo_batch_size"]
+        binomial = sum(p**k + (1 - p) ** k for p in success) / len(success)
+        sampled = sum(row["rollout/groups_sampled"] for row in rows)
+        dropped = sum(row["rollout/groups_dropped"] for row in rows)
+        measured = f"{100 * dropped / sampled:.0f}" if dropped else "- (kept)"
+        lines.append(
+            f"| {r['arm']} | {r['seed']} | {len(rows)} | {steps:.0f} | {100 * sum(success) / len(success):.1f} | "
+            f"{measured} | {100 * binomial:.0f} |"
+        )
+    return lines
 
 
 def _summary(results: list[dict], sft_hist: list[dict]) -> list[str]:
