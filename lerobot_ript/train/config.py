@@ -49,8 +49,9 @@ class RolloutConfig:
     # Use gymnasium AsyncVectorEnv (processes) instead of SyncVectorEnv; sync is faster on 2 cores.
     use_async_envs: bool = False
     # Infer one half of the groups' next action chunk on a worker thread while the other half steps its envs
-    # (needs groups_per_round >= 2). Faster wherever inference and env stepping can run side by side (a GPU,
-    # or a spare CPU core); on a CPU already busy with other processes it gains nothing.
+    # (needs groups_per_round >= 2). Meant for inference on a GPU; on a 2-core CPU it was SLOWER than in-line
+    # inference (benchmarks/results/rollout_throughput.md: the Python env loop and the worker's small torch ops
+    # contend for the GIL), so it is off by default. Not yet measured on a GPU.
     overlap_inference: bool = False
 
 
