@@ -226,11 +226,13 @@ def _rollout_table(out: Path, results: list[dict]) -> list[str]:
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if '"rollout/' in line]
         if not rows:
             continue
-        cfg_file = run_dir / "checkpoints" / "last" / "pretrained_model" / "train_config.json"
-        per_iteration = json.loads(cfg_file.read_text())["optim"]["update_steps_per_iteration"]
+        train_cfg = json.loads(
+            (run_dir / "checkpoints" / "last" / "pretrained_model" / "train_config.json").read_text()
+        )
+        per_iteration = train_cfg["optim"]["update_steps_per_iteration"]
         steps = sum(row.get("train/update_steps", per_iteration) for row in rows)
         success = [row["rollout/success_rate"] for row in rows]
-        k = json.loads(cfg_file.read_text())["rollout"]["rloo_batch_size"]
+        k = train_cfg["rollout"]["rloo_batch_size"]
         binomial = sum(p**k + (1 - p) ** k for p in success) / len(success)
         sampled = sum(row["rollout/groups_sampled"] for row in rows)
         dropped = sum(row["rollout/groups_dropped"] for row in rows)
