@@ -296,10 +296,9 @@ class GroupedCollector:
         """Step every live slot through the chunk's actions (chunk rows: slot i owns rows i*K..(i+1)*K)."""
         for j in range(chunk.shape[1]):
             for i, slot in enumerate(live):
-                if slot.faulted or slot.done.all():
-                    continue
-                stats.env_steps += self._step_slot(slot, chunk[i * self.k : (i + 1) * self.k, j])
-            if all(s.faulted or s.done.all() for s in live):
+                if not _finished(slot):
+                    stats.env_steps += self._step_slot(slot, chunk[i * self.k : (i + 1) * self.k, j])
+            if all(_finished(s) for s in live):
                 break
 
     def _step_slot(self, slot: _Slot, actions: np.ndarray) -> int:
@@ -346,8 +345,13 @@ class GroupedCollector:
         return episodes
 
 
+def _finished(slot: _Slot) -> bool:
+    """Faulted, or every sub-env of the group is done."""
+    return slot.faulted or bool(slot.done.all())
+
+
 def _unfinished(slots: list[_Slot]) -> list[_Slot]:
-    return [s for s in slots if not s.faulted and not s.done.all()]
+    return [s for s in slots if not _finished(s)]
 
 
 def _batch_obs(live: list[_Slot]) -> dict:
