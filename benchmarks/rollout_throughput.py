@@ -8,7 +8,8 @@ few scripted demos; its weights are untrained, which does not change its cost.
 
 - ours: `GroupedCollector` with `make_chunk_policy`, num_envs / K groups of K = `--group-size` (default 2), one
   vector env of K per initial state, all slots batched into ONE policy call per chunk, dynamic sampling off, one
-  round per repeat. The training configs' layout (8 groups per round, K = 8) is `--num-envs 64 --group-size 8`. Also `ours_one_group`: one slot of K = num_envs, the same vector-env layout as LeRobot's.
+  round per repeat. The training configs' layout (8 groups per round, K = 8) is `--num-envs 64 --group-size 8`.
+  Also `ours_one_group`: one slot of K = num_envs, the same vector-env layout as LeRobot's.
 - lerobot: `lerobot.scripts.lerobot_eval.rollout` on `make_env`'s vector env of num_envs, with the env and
   policy processors LeRobot's eval uses (`make_env_pre_post_processors`, `make_pre_post_processors`). Run at
   the process's torch thread count (what `lerobot-eval` gets) and at 1 thread (what our collector uses for
