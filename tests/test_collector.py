@@ -389,6 +389,41 @@ def test_dynamic_sampling_drops_all_equal_groups_and_samples_more(pool, initial_
     assert tracker.num_skipping == 1  # seed 6's all-success group, although dropped, counts for skipping
 
 
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_keep_solved_keeps_all_success_groups_as_good_data(pool, initial_state, dynamic):
+    """keep_solved: seed 6's all-success group is kept with advantage 1/(K-1) (good). With dynamic sampling it
+    is still dropped for the goal (only seed 8's mixed group counts) and comes back in `solved_episodes`;
+    without, it is one of the kept groups and only its advantage changes (RLOO would give 0, neutral)."""
+    k = 3
+    plan = {goal_key(initial_state(6)): {0, 1, 2}, goal_key(initial_state(8)): {0}}
+    with grouped_collector(
+        pool,
+        GroupPolicy(k, plan, seed=5),
+        group_size=k,
+        num_slots=2,
+        goal_rollouts=3 if dynamic else 6,
+        max_groups=2,
+        seed_sampler=SeedList([6, 8]),
+        dynamic_sampling=dynamic,
+        keep_solved=True,
+        max_episode_steps=EXPERT_HORIZON,
+    ) as collector:
+        result = collector.collect()
+    assert_consistent(result, k)
+    s, hash6 = result.stats, init_hash_of(TASK, initial_state(6))
+    assert s.solved_rollouts == k and s.goal_reached
+    solved = [ep for ep in result.all_episodes if ep.init_hash == hash6]
+    assert len(solved) == k and all(ep.success and ep.advantage == pytest.approx(0.5) for ep in solved)
+    mixed = [ep for ep in result.all_episodes if ep.init_hash != hash6]
+    assert [ep.advantage for ep in mixed] == pytest.approx([1.0, -0.5, -0.5])
+    if dynamic:
+        assert (s.groups_kept, s.groups_dropped) == (1, 1) and result.solved_episodes == solved
+        assert result.episodes == mixed
+    else:
+        assert (s.groups_kept, s.groups_dropped) == (2, 0) and result.solved_episodes == []
+        np.testing.assert_array_equal(result.group_rewards[0], [1.0, 1.0, 1.0])
+
+
 def test_dynamic_sampling_stops_at_max_groups_without_padding(pool, initial_state, caplog):
     """A policy that always fails never reaches the goal: exactly max_groups groups (rounds of 2 + 1), no
     episode, a warning; a short-of-goal batch holds only real rollouts, never copies to fill the goal."""

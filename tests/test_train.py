@@ -736,3 +736,24 @@ def test_update_steps_scale_with_collection_rounds(fresh_accelerate_state, scale
     run = SimpleNamespace(cfg=cfg, accelerator=Accelerator(cpu=True))
     result = SimpleNamespace(stats=CollectionStats(groups_sampled=groups_sampled))
     assert update_steps(run, result) == expected
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_solved_groups_reaches_the_collector(fresh_accelerate_state, keep):
+    """rollout.keep_solved_groups is handed to the GroupedCollector the loop builds (tested there)."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from lerobot_ript.train.config import RiptTrainConfig
+    from lerobot_ript.train.loop import RunState, make_collector
+
+    cfg = RiptTrainConfig()
+    cfg.rollout.keep_solved_groups = keep
+    cfg.rollout.groups_per_round, cfg.rollout.rloo_batch_size = 1, 2
+    run = SimpleNamespace(cfg=cfg, accelerator=Accelerator(cpu=True), state=RunState())
+    collector = make_collector(run)
+    try:
+        assert collector.keep_solved is keep and collector.dynamic_sampling
+    finally:
+        collector.close()

@@ -6,7 +6,11 @@ slot, reset with K equal seeds); every slot steps in lockstep with ONE batched p
 inferred on a worker thread).
 Groups whose K rewards are all equal carry no RLOO signal and are dropped (dynamic sampling); more groups are
 sampled until `goal_rollouts` rollouts with signal are kept or `max_groups` groups were tried. Without dynamic
-sampling every finished group is kept, and only as many groups are started as the goal needs. A state solved
+sampling every finished group is kept, and only as many groups are started as the goal needs. With `keep_solved`,
+the rollouts of a group that ALL succeeded are kept as good data (advantage `solved_advantage(K)` = 1/(K-1), the
+smallest advantage a success gets in a mixed group) instead of being dropped (dynamic sampling) or labelled
+neutral (advantage 0): they have no RLOO signal, but for the cfg objective they are optimal behaviour, and
+without them the policy is never trained on the states it already solves. A state solved
 by every rollout `skip_threshold` times in a row is skipped (SkipTracker). An env that raises costs its own
 group; its slot is rebuilt and the fault counted.
 """
@@ -52,6 +56,7 @@ class CollectionStats:
     wall_time_s: float = 0.0
     goal_reached: bool = True  # False when max_groups stopped sampling before goal_rollouts were kept
     rollouts_kept: int = 0
+    solved_rollouts: int = 0  # rollouts of all-success groups kept as good data (keep_solved)
 
     @property
     def share_dropped(self) -> float:
@@ -64,13 +69,29 @@ class CollectionStats:
         return out
 
 
+def solved_advantage(group_size: int) -> float:
+    """Advantage of a rollout of an all-success group under `keep_solved`: 1/(K-1), the RLOO advantage of a
+    success whose group has exactly one failure (the smallest positive one), so it is labelled good."""
+    return 1.0 / (group_size - 1)
+
+
 @dataclass
 class CollectionResult:
-    """Episodes of the kept groups, with their per-episode RLOO advantage in `EpisodeRecord.advantage`."""
+    """Episodes of the kept groups, with their per-episode RLOO advantage in `EpisodeRecord.advantage`.
+
+    `solved_episodes` (dynamic sampling with `keep_solved` only): rollouts of all-success groups, which dynamic
+    sampling dropped for lack of RLOO signal, kept as good data with advantage `solved_advantage(K)`. They do not
+    count toward the goal and are not in `group_rewards`. Train on `all_episodes`.
+    """
 
     episodes: list[EpisodeRecord]
     group_rewards: np.ndarray  # (num_kept_groups, K)
     stats: CollectionStats = field(default_factory=CollectionStats)
+    solved_episodes: list[EpisodeRecord] = field(default_factory=list)
+
+    @property
+    def all_episodes(self) -> list[EpisodeRecord]:
+        return self.episodes + self.solved_episodes
 
 
 class SeedSampler:
@@ -125,6 +146,7 @@ class GroupedCollector:
         max_episode_steps: int = 200,
         record_images: bool = False,
         overlap_inference: bool = False,
+        keep_solved: bool = False,
     ) -> None:
         if group_size < 2:
             raise ValueError(
@@ -137,6 +159,7 @@ class GroupedCollector:
         self.seed_sampler = seed_sampler
         self.skip_tracker = skip_tracker or SkipTracker(0)
         self.dynamic_sampling = dynamic_sampling
+        self.keep_solved = keep_solved
         self.max_episode_steps = max_episode_steps
         self.record_images = record_images
         self._seed_hash: dict[int, int] = {}  # seed -> init_hash (initial states are seed-determined)
@@ -171,7 +194,7 @@ class GroupedCollector:
 
     # ----- one call: rounds of parallel groups until the goal or the cap -----
     def collect(self) -> CollectionResult:
-        stats, kept, rewards_kept = CollectionStats(), [], []
+        stats, kept, rewards_kept, solved = CollectionStats(), [], [], []
         successes: list[bool] = []
         t0 = time.perf_counter()
         while stats.groups_sampled < self.max_groups:
@@ -191,6 +214,8 @@ class GroupedCollector:
                 self.skip_tracker.update(slot.init_hash, bool(slot.success.all()))
                 if self.dynamic_sampling and not group_has_signal(rewards):
                     stats.groups_dropped += 1
+                    if self.keep_solved and slot.success.all():
+                        solved.extend(self._episodes(slot))
                     continue
                 stats.groups_kept += 1
                 rewards_kept.append(rewards)
@@ -218,7 +243,15 @@ class GroupedCollector:
             adv = rloo_advantages(torch.from_numpy(group_rewards)).reshape(-1).tolist()  # (G*K,)
             for ep, a in zip(episodes, adv, strict=True):
                 ep.advantage = float(a)
-        return CollectionResult(episodes=episodes, group_rewards=group_rewards, stats=stats)
+        if self.keep_solved:
+            solved += [ep for g, r in zip(kept, rewards_kept, strict=True) if r.all() for ep in g]
+            for ep in solved:
+                ep.advantage = solved_advantage(self.k)
+        stats.solved_rollouts = len(solved)
+        extra = solved if self.dynamic_sampling else []  # without dynamic sampling they are in `episodes`
+        return CollectionResult(
+            episodes=episodes, group_rewards=group_rewards, stats=stats, solved_episodes=extra
+        )
 
     def _start_group(self, slot: _Slot, stats: CollectionStats) -> bool:
         """Reset a slot on a fresh (non-skipped) initial state, K equal seeds. False if the env faulted."""

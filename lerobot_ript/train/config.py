@@ -38,6 +38,10 @@ class RolloutConfig:
     max_groups_per_step: int = 16
     # Drop groups whose K rewards are all equal and sample more (RIPT-VLA dynamic sampling).
     enable_dynamic_sampling: bool = True
+    # Keep the rollouts of all-success groups as good data (advantage 1/(K-1)) instead of dropping them (dynamic
+    # sampling) or labelling them neutral: they carry no RLOO signal but are optimal behaviour for the cfg
+    # objective. They do not count toward rollout_goal_per_step.
+    keep_solved_groups: bool = False
     # Skip an initial state after this many all-success groups in a row (0 disables skipping).
     rollout_skip_threshold: int = 3
     # Classifier-free guidance scale w (>= 0) used while collecting rollouts.

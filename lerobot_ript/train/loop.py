@@ -421,6 +421,7 @@ def make_collector(run: Run) -> GroupedCollector:
         dynamic_sampling=r.enable_dynamic_sampling,
         max_episode_steps=cfg.env.episode_length,
         overlap_inference=r.overlap_inference,
+        keep_solved=r.keep_solved_groups,
     )
     collector._seed_hash.update({int(k): v for k, v in run.state.seed_hash.items()})
     return collector
@@ -446,12 +447,12 @@ def train(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
             t0 = time.perf_counter()
             result = collect(run, collector)  # 1. rollouts
             timings["time/collect_s"] = time.perf_counter() - t0
-            weights, adv_stats = process_advantages(run, result.episodes)  # 2. advantages
-            if cfg.data.save_rollouts and result.episodes:
-                save_rollouts(run, result.episodes, it)
+            episodes = result.all_episodes
+            weights, adv_stats = process_advantages(run, episodes)  # 2. advantages
+            if cfg.data.save_rollouts and episodes:
+                save_rollouts(run, episodes, it)
             run.state.replay = (
-                run.state.replay
-                + [[_ep_to_dict(e, w) for e, w in zip(result.episodes, weights, strict=True)]]
+                run.state.replay + [[_ep_to_dict(e, w) for e, w in zip(episodes, weights, strict=True)]]
             )[-cfg.data.replay_iterations :]
             rollouts = _replay_dataset(run)  # 3. training batches
             t1 = time.perf_counter()
