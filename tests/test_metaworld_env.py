@@ -261,3 +261,96 @@ def test_async_vector_env_workers_build_the_env_without_a_registry(env):
         np.testing.assert_array_equal(obs["agent_pos"], np.stack(expected))
     finally:
         vec.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fast object quaternions: the same bits as MetaWorld's scipy conversion
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_fast_quaternion_table_lists_exactly_the_tasks_that_call_scipy():
+    import metaworld.env_dict
+
+    from lerobot_ript.envs.metaworld import _XMAT_QUATERNION_TASKS, _reads_xmat_quaternion
+
+    uses_scipy = {
+        task
+        for task, cls in metaworld.env_dict.ALL_V3_ENVIRONMENTS.items()
+        if "Rotation" in cls._get_quat_objects.__code__.co_names
+    }
+    assert set(_XMAT_QUATERNION_TASKS) == uses_scipy
+    for task, (kind, name, _) in _XMAT_QUATERNION_TASKS.items():
+        method = metaworld.env_dict.ALL_V3_ENVIRONMENTS[task]._get_quat_objects
+        assert _reads_xmat_quaternion(method, kind, name), task
+    push = metaworld.env_dict.ALL_V3_ENVIRONMENTS["push-v3"]._get_quat_objects
+    assert not _reads_xmat_quaternion(push, "geom", "puck")  # a stale entry keeps MetaWorld's method
+
+
+def _same_bits(a, b) -> bool:
+    return (
+        type(a) is type(b)
+        and np.asarray(a).dtype == np.asarray(b).dtype
+        and (np.asarray(a).tobytes() == np.asarray(b).tobytes())
+    )
+
+
+@pytest.mark.parametrize(
+    "task",
+    ["push-v3", "pick-place-v3", "door-open-v3", "stick-pull-v3", "peg-insert-side-v3", "drawer-open-v3"],
+)
+def test_fast_quaternions_give_bit_identical_rollouts(task):
+    """50 random actions from the same seed: equal bytes in observations, rewards and every info value."""
+    from lerobot_ript.envs.metaworld import _XMAT_QUATERNION_TASKS, _build_metaworld_env
+
+    fast, reference = _build_metaworld_env(task), _build_metaworld_env(task, fast_quaternions=False)
+    patched = "_get_quat_objects" in vars(fast)
+    assert patched == (task in _XMAT_QUATERNION_TASKS)  # drawer-open reads xquat: left as MetaWorld's
+    assert "_get_quat_objects" not in vars(reference)
+    actions = np.random.default_rng(0).uniform(-1, 1, (50, 4)).astype(np.float32)
+    try:
+        for env in (fast, reference):
+            env.seed(7)
+        obs_fast, _ = fast.reset()
+        obs_ref, _ = reference.reset()
+        assert _same_bits(obs_fast, obs_ref)
+        for action in actions:
+            step_fast, step_ref = fast.step(action), reference.step(action)
+            for value_fast, value_ref in zip(step_fast[:4], step_ref[:4], strict=True):
+                assert _same_bits(value_fast, value_ref)
+            info_fast, info_ref = step_fast[4], step_ref[4]
+            assert info_fast.keys() == info_ref.keys()
+            assert all(_same_bits(info_fast[k], info_ref[k]) for k in info_ref)
+    finally:
+        fast.close()
+        reference.close()
+
+
+def test_fast_quaternion_env_pickles_and_frees_without_garbage_collection():
+    """A pickled copy steps like a pickled copy of MetaWorld's env (its pickling restores qpos / qvel only)."""
+    import gc
+    import pickle
+    import weakref
+
+    from lerobot_ript.envs.metaworld import _build_metaworld_env
+
+    copies = []
+    for fast_quaternions in (True, False):
+        env = _build_metaworld_env("push-v3", fast_quaternions=fast_quaternions)
+        env.seed(1)
+        env.reset()
+        copies.append(pickle.loads(pickle.dumps(env)))
+        env.close()
+    fast_copy, reference_copy = copies
+    assert fast_copy._get_quat_objects._env_ref() is fast_copy  # the copy reads its own simulator state
+    action = np.array([0.3, 1.0, -0.5, 0.0], dtype=np.float32)
+    for _ in range(5):
+        assert fast_copy.step(action)[0].tobytes() == reference_copy.step(action)[0].tobytes()
+    reference_copy.close()
+    gc.disable()
+    try:
+        ref = weakref.ref(fast_copy)
+        fast_copy.close()
+        del fast_copy, copies
+        assert ref() is None  # no reference cycle through the instance's `_get_quat_objects`
+    finally:
+        gc.enable()

@@ -24,6 +24,7 @@ import functools
 import logging
 import os
 import pickle
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,8 @@ import numpy as np
 from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.envs.configs import EnvConfig
 from lerobot.utils.constants import ACTION, OBS_IMAGES, OBS_STATE
+
+from lerobot_ript.envs.rotation import quat_from_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +112,94 @@ def _check_settings(
         raise ValueError(f"fps={fps} must be a positive number of frames per second (MetaWorld runs at 80).")
 
 
-def _build_metaworld_env(task: str) -> Any:
+# ----------------------------------------------------------------------------------------------------------
+# The raw MetaWorld env, with fast object quaternions
+# ----------------------------------------------------------------------------------------------------------
+
+# Tasks whose `_get_quat_objects` (metaworld 3.1.1) is
+#     Rotation.from_matrix(self.data.<kind>(<name>).xmat.reshape(3, 3)).as_quat()
+# followed by <n_zeros> zeros (stick-pull / stick-push append a zero quaternion for a second object), as
+# (kind, name, n_zeros). scipy spends about 100 us on that one conversion, 5% of a step; `quat_from_matrix`
+# returns the same bits in about 5 us. The other 28 tasks read MuJoCo's `xquat` or a constant and keep
+# MetaWorld's method. A table rather than pattern detection: the entries were read off MetaWorld's source, and
+# `_reads_xmat_quaternion` only confirms that the installed method still names the same element.
+_XMAT_QUATERNION_TASKS: dict[str, tuple[str, str, int]] = {
+    "coffee-pull-v3": ("geom", "mug", 0),
+    "coffee-push-v3": ("geom", "mug", 0),
+    "door-close-v3": ("geom", "handle", 0),
+    "door-open-v3": ("geom", "handle", 0),
+    "lever-pull-v3": ("geom", "objGeom", 0),
+    "peg-insert-side-v3": ("site", "pegGrasp", 0),
+    "pick-place-v3": ("geom", "objGeom", 0),
+    "pick-place-wall-v3": ("geom", "objGeom", 0),
+    "plate-slide-back-side-v3": ("geom", "puck", 0),
+    "plate-slide-back-v3": ("geom", "puck", 0),
+    "plate-slide-side-v3": ("geom", "puck", 0),
+    "plate-slide-v3": ("geom", "puck", 0),
+    "push-back-v3": ("geom", "objGeom", 0),
+    "push-v3": ("geom", "objGeom", 0),
+    "push-wall-v3": ("geom", "objGeom", 0),
+    "reach-v3": ("geom", "objGeom", 0),
+    "reach-wall-v3": ("geom", "objGeom", 0),
+    "shelf-place-v3": ("geom", "objGeom", 0),
+    "soccer-v3": ("body", "soccer_ball", 0),
+    "stick-pull-v3": ("body", "stick", 4),
+    "stick-push-v3": ("body", "stick", 4),
+    "sweep-into-v3": ("geom", "objGeom", 0),
+}
+
+
+def _reads_xmat_quaternion(method: Any, kind: str, name: str) -> bool:
+    """Whether MetaWorld's `_get_quat_objects` still converts `data.<kind>(<name>).xmat` with scipy.
+
+    A cheap guard against a MetaWorld whose method differs from the table: it must reference the element's
+    name and the attributes the pattern uses; anything else keeps MetaWorld's own method.
+    """
+    code = getattr(method, "__code__", None)
+    if code is None:
+        return False
+    names_used = {"Rotation", "from_matrix", "as_quat", "xmat", kind} <= set(code.co_names)
+    return names_used and name in code.co_consts
+
+
+class _XmatQuaternion:
+    """An env's `_get_quat_objects` for a `_XMAT_QUATERNION_TASKS` task, with `quat_from_matrix` for scipy.
+
+    Holds the env weakly (no reference cycle, so a closed env is freed at once); pickles with the env.
+    """
+
+    def __init__(self, env: Any, kind: str, name: str, n_zeros: int) -> None:
+        self._env_ref = weakref.ref(env)
+        self._kind, self._name, self._n_zeros = kind, name, n_zeros
+
+    def __call__(self) -> np.ndarray:
+        element = getattr(self._env_ref().data, self._kind)(self._name)
+        quat = quat_from_matrix(element.xmat)  # (4,)
+        if self._n_zeros:
+            return np.concatenate((quat, np.zeros(self._n_zeros)))
+        return quat
+
+    def __reduce__(self) -> tuple[type, tuple[Any, str, str, int]]:
+        return type(self), (self._env_ref(), self._kind, self._name, self._n_zeros)
+
+
+def _use_fast_quaternions(env: Any, task: str) -> bool:
+    """Give `env` (this instance only) the fast `_get_quat_objects` if its task is in the table; True if so."""
+    entry = _XMAT_QUATERNION_TASKS.get(task)
+    if entry is None or not _reads_xmat_quaternion(type(env)._get_quat_objects, entry[0], entry[1]):
+        return False
+    env._get_quat_objects = _XmatQuaternion(env, *entry)
+    return True
+
+
+def _build_metaworld_env(task: str, fast_quaternions: bool = True) -> Any:
     """A raw MetaWorld v3 env whose initial states are drawn from its own seeded RNG at every reset.
 
     Equivalent to LeRobot's route (`MT1(task).train_classes[task]()`, `set_task`, then
     `_freeze_rand_vec=False; seeded_rand_vec=True`) without MT1's 50 warm-up resets (about 1 s): the task
     is set with MT1's arguments and the goal observable (`partially_observable=False`, as in MT1).
+    `fast_quaternions` swaps scipy's matrix-to-quaternion conversion for a bit-identical one where the task
+    uses it (see `_XMAT_QUATERNION_TASKS`); False keeps MetaWorld's method (for tests and benchmarks).
     """
     metaworld = _import_metaworld()
     from metaworld.types import Task
@@ -128,6 +213,8 @@ def _build_metaworld_env(task: str) -> Any:
     env.set_task(Task(env_name=task, data=pickle.dumps(data)))
     env._freeze_rand_vec = False  # draw a new initial state at every reset ...
     env.seeded_rand_vec = True  # ... from env.np_random, which `env.seed(s)` resets
+    if fast_quaternions:
+        _use_fast_quaternions(env, task)
     return env
 
 
