@@ -23,8 +23,9 @@ from lerobot.policies.factory import get_policy_class, make_policy, make_pre_pos
 from lerobot.utils.constants import ACTION, OBS_ENV_STATE, OBS_STATE
 
 from lerobot_ript.advantages import LABEL_BAD, LABEL_GOOD, LABEL_NULL
+from lerobot_ript.policy.backbones.base import RiptBackbone
 from lerobot_ript.policy.configuration_ript import BACKBONES, OBJECTIVES, RiptConfig
-from lerobot_ript.policy.modeling_ript import RiptPolicy, _check_no_shared_storage
+from lerobot_ript.policy.modeling_ript import RiptPolicy, _check_no_shared_storage, euler_times
 from lerobot_ript.policy.processor_ript import StateDimAdapterStep
 
 STATE_DIM, ACTION_DIM, CHUNK = 5, 2, 4
@@ -473,6 +474,98 @@ def test_cfg_safe_copy_check() -> None:
     with pytest.raises(RuntimeError, match="share storage"):
         _check_no_shared_storage(x[:2], x[2:])
     _check_no_shared_storage(x, x.clone())
+
+
+# ------------------------------------------------------------------------------------ sampling fast path
+def camera_policy(seed: int = 0) -> RiptPolicy:
+    """state_policy plus one 12x12 camera (resized to image_size), weights perturbed like state_policy's."""
+    cfg = tiny_config(
+        input_features={
+            OBS_STATE: PolicyFeature(FeatureType.STATE, (STATE_DIM,)),
+            "observation.images.cam": PolicyFeature(FeatureType.VISUAL, (3, 12, 12)),
+        },
+        output_features={ACTION: PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))},
+    )
+    torch.manual_seed(seed)
+    policy = RiptPolicy(cfg)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.normal_(0.0, 0.3)
+    return policy
+
+
+def observation(b: int, camera: bool) -> dict[str, torch.Tensor]:
+    obs = {OBS_STATE: state_batch(b)[OBS_STATE]}
+    if camera:
+        obs["observation.images.cam"] = torch.rand(b, 3, 12, 12, generator=torch.Generator().manual_seed(7))
+    return obs
+
+
+@pytest.mark.parametrize("camera", [False, True], ids=["state", "camera"])
+@pytest.mark.parametrize("b", [1, 5])
+@pytest.mark.parametrize(
+    "w,batched", [(1.0, True), (1.5, True), (1.5, False)], ids=["w1", "w1.5", "w1.5-2pass"]
+)
+def test_precomputed_sampling_equals_the_plain_per_step_computation(
+    camera: bool, b: int, w: float, batched: bool
+) -> None:
+    """precompute=True (conditioning and context terms computed once per call) samples the same chunk as
+    recomputing everything every Euler step, from the same noise."""
+    policy = (camera_policy() if camera else state_policy()).eval()
+    obs, noise = observation(b, camera), fixed_noise(b)
+    kwargs = dict(noise=noise, guidance_scale=w, batched_guidance=batched)
+    fast = policy.predict_action_chunk(obs, precompute=True, **kwargs)
+    plain = policy.predict_action_chunk(obs, precompute=False, **kwargs)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    assert plain.abs().max() > 0.1  # not a vacuous comparison of two near-zero chunks
+
+
+def test_prepared_denoiser_equals_denoise_at_every_step() -> None:
+    """SmallBackbone's prepared denoiser against `denoise` with the summed condition, for the 2B rows of
+    batched guidance (good and null labels); the base class default is `denoise` itself."""
+    policy = state_policy().eval()
+    bb = policy.backbone
+    with torch.no_grad():
+        context = bb.repeat_context(bb.encode_observation(state_batch(3)), 2)
+        row_cond = policy.label_embedding(torch.tensor([LABEL_GOOD] * 3 + [LABEL_NULL] * 3))  # (6, cond)
+        step_conds = policy.time_embedding(euler_times(policy.config.num_inference_steps))  # (S, cond)
+        fast = bb.prepare_denoise(context, row_cond, step_conds)
+        default = RiptBackbone.prepare_denoise(bb, context, row_cond, step_conds)
+        for step in range(len(step_conds)):
+            x = fixed_noise(6, seed=10 + step)
+            expected = bb.denoise(context, x, row_cond + step_conds[step])
+            assert torch.equal(default(x, step), expected)
+            torch.testing.assert_close(fast(x, step), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_backbone_without_a_fast_path_samples_through_the_default() -> None:
+    policy = state_policy().eval()
+    batch, noise = state_batch(), fixed_noise(6)
+    plain = policy.predict_action_chunk(batch, noise=noise, guidance_scale=1.5, precompute=False)
+    policy.backbone.prepare_denoise = lambda *a: RiptBackbone.prepare_denoise(policy.backbone, *a)
+    got = policy.predict_action_chunk(batch, noise=noise, guidance_scale=1.5)
+    torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_euler_times_are_the_grid_of_lerobots_euler_integrate() -> None:
+    """The precomputed time conditioning is looked up by flow time; off the grid it refuses with the fix."""
+    seen: list[torch.Tensor] = []
+    euler_integrate(lambda x, t: seen.append(t.clone()) or torch.zeros_like(x), torch.zeros(2, 1), 7)
+    assert torch.equal(torch.stack([t[0] for t in seen]), euler_times(7))
+    policy = state_policy().eval()
+    context = policy.backbone.encode_observation(state_batch())
+    fn = policy._velocity_fn(context, torch.full((6,), LABEL_GOOD), precompute=True)
+    with pytest.raises(ValueError, match=r"Flow time 0\.33.*not one of the Euler grid.*precompute=False"):
+        fn(fixed_noise(6), torch.full((6,), 0.33))
+
+
+def test_precomputed_sampling_under_inference_mode() -> None:
+    policy = state_policy().eval()
+    batch, noise = state_batch(), fixed_noise(6)
+    expected = policy.predict_action_chunk(batch, noise=noise, guidance_scale=1.5)
+    with torch.inference_mode():
+        got = policy.predict_action_chunk(batch, noise=noise, guidance_scale=1.5)
+    assert torch.equal(got, expected)
 
 
 # ------------------------------------------------------------------------------ conditioning is behavioural

@@ -3,13 +3,15 @@
 Training (objective "cfg"): every frame carries an optimality label from the sign of its `advantages`
 (good / bad / null; no key: good), dropped to null with `cfg_dropout_prob`; the denoiser is conditioned on
 label and flow time in every layer. Sampling: v = v_null + w (v_good - v_null), both branches in one batched
-pass of 2B rows with the observation encoded once.
+pass of 2B rows with the observation encoded once, and what is constant within the call (label, context, the
+Euler grid's time conditioning) computed once before the Euler loop (`RiptBackbone.prepare_denoise`).
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -161,12 +163,15 @@ class RiptPolicy(PreTrainedPolicy):
         noise: Tensor | None = None,
         guidance_scale: float | None = None,
         batched_guidance: bool = True,
+        precompute: bool = True,
     ) -> Tensor:
         """Sample a normalised action chunk (B, chunk_size, action_dim) with guidance scale w.
 
         w = 1 runs one conditional pass per Euler step. w != 1 runs the good and null branches in ONE
         batched pass of 2B rows sharing the observation encoding (or two passes if batched_guidance=False,
-        kept for tests and benchmarks). The input batch is never mutated.
+        kept for tests and benchmarks). precompute=True computes what is constant within the call (label and
+        context conditioning, see `RiptBackbone.prepare_denoise`) once before the Euler loop; False recomputes
+        it every step (the plain reference, same result up to float rounding). The batch is never mutated.
         """
         w = self.config.guidance_scale if guidance_scale is None else float(guidance_scale)
         if w < 0:
@@ -177,21 +182,19 @@ class RiptPolicy(PreTrainedPolicy):
         shape = (b, self.config.chunk_size, self.config.action_dim)
         x1 = sample_noise(shape, device) if noise is None else noise.to(device)
         good = torch.full((b,), LABEL_GOOD, dtype=torch.long, device=device)
+        null = torch.full_like(good, LABEL_NULL)
         if w == 1.0:
-            fn = lambda x, t: self._velocity(context, x, t, good)  # noqa: E731
+            fn = self._velocity_fn(context, good, precompute)
         elif batched_guidance:
             ctx2 = self.backbone.repeat_context(context, 2)
             if self.config.enable_cfg_safe_copy:
                 _check_context_not_shared(context, ctx2)
-            fn = lambda x, t: self._guided_velocity(ctx2, x, t, w)  # noqa: E731
+            v2 = self._velocity_fn(ctx2, torch.cat([good, null]), precompute)
+            fn = lambda x, t: _guide(*v2(torch.cat([x, x]), torch.cat([t, t])).chunk(2), w)  # noqa: E731
         else:
-            null = torch.full_like(good, LABEL_NULL)
-
-            def fn(x: Tensor, t: Tensor) -> Tensor:
-                v_good = self._velocity(context, x, t, good)
-                v_null = self._velocity(context, x, t, null)
-                return v_null + w * (v_good - v_null)
-
+            v_good = self._velocity_fn(context, good, precompute)
+            v_null = self._velocity_fn(context, null, precompute)
+            fn = lambda x, t: _guide(v_good(x, t), v_null(x, t), w)  # noqa: E731
         return euler_integrate(fn, x1, self.config.num_inference_steps)
 
     @torch.no_grad()
@@ -211,6 +214,18 @@ class RiptPolicy(PreTrainedPolicy):
     def _velocity(self, context, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
         return self.backbone.denoise(context, x, self.condition(t, labels))
 
+    def _velocity_fn(self, context, labels: Tensor, precompute: bool) -> Callable[[Tensor, Tensor], Tensor]:
+        """fn(x, t) = _velocity(context, x, t, labels) at the flow times of `euler_integrate`, t (N,) holding
+        one time for every row. With `precompute` the label and time embeddings (one row per Euler step) and
+        what the backbone derives from them and from the context are computed once, here."""
+        if not precompute:
+            return lambda x, t: self._velocity(context, x, t, labels)
+        times = euler_times(self.config.num_inference_steps)  # (num_steps,)
+        step_of = {time: step for step, time in enumerate(times.tolist())}
+        step_conds = self.time_embedding(times.to(labels.device))  # (num_steps, cond_dim)
+        denoise = self.backbone.prepare_denoise(context, self.label_embedding(labels), step_conds)
+        return lambda x, t: denoise(x, _grid_step(step_of, t))
+
     def branch_velocities(self, ctx2, x_good: Tensor, x_null: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """(v_good, v_null) from one batched pass of 2B rows; ctx2 = repeat_context(context, 2)."""
         b = x_good.shape[0]
@@ -220,10 +235,6 @@ class RiptPolicy(PreTrainedPolicy):
         ).long()
         v2 = self._velocity(ctx2, x2, torch.cat([t, t]), labels2)
         return v2[:b], v2[b:]
-
-    def _guided_velocity(self, ctx2, x: Tensor, t: Tensor, w: float) -> Tensor:
-        v_good, v_null = self.branch_velocities(ctx2, x, x, t)
-        return v_null + w * (v_good - v_null)
 
     # ----- helpers -----
     def _sample_time(self, b: int, device: torch.device) -> Tensor:
@@ -252,6 +263,29 @@ class RiptPolicy(PreTrainedPolicy):
             if k.startswith(OBS_IMAGES) and v.dtype == torch.uint8:
                 out[k] = v.float() / 255.0
         return out
+
+
+def euler_times(num_steps: int) -> Tensor:
+    """The flow times (num_steps,) float32 at which lerobot's `euler_integrate` evaluates the velocity."""
+    dt = -1.0 / num_steps
+    return torch.tensor([1.0 + step * dt for step in range(num_steps)], dtype=torch.float32)
+
+
+def _grid_step(step_of: dict[float, int], t: Tensor) -> int:
+    """The Euler step whose flow time is t[0] (a host read: one sync per step on an accelerator)."""
+    time = float(t[0])
+    if time not in step_of:
+        raise ValueError(
+            f"Flow time {time} is not one of the Euler grid's {sorted(step_of, reverse=True)}: the "
+            "precomputed time conditioning only covers lerobot's euler_integrate grid. Sample with "
+            "precompute=False."
+        )
+    return step_of[time]
+
+
+def _guide(v_good: Tensor, v_null: Tensor, w: float) -> Tensor:
+    """Classifier-free guidance: v_null + w (v_good - v_null)."""
+    return v_null + w * (v_good - v_null)
 
 
 def _tensors(batch: dict) -> list[tuple[str, Tensor]]:

@@ -1,12 +1,14 @@
 """The backbone seam: everything model-specific sits behind this small interface.
 
 The RIPT flow head (label and time conditioning, losses, classifier-free-guided sampling) only talks to a
-backbone through these three methods, so pi0 / pi05 / SmolVLA wrappers plug in without touching it.
+backbone through these three methods, so pi0 / pi05 / SmolVLA wrappers plug in without touching it. A fourth,
+`prepare_denoise`, is an optional sampling fast path: its default simply calls `denoise`.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
@@ -32,3 +34,16 @@ class RiptBackbone(nn.Module, abc.ABC):
     @abc.abstractmethod
     def denoise(self, context: Any, noisy_actions: Tensor, cond: Tensor) -> Tensor:
         """Velocity for `noisy_actions` (B, chunk, action_dim) given the context and `cond` (B, cond_dim)."""
+
+    def prepare_denoise(
+        self, context: Any, row_cond: Tensor, step_conds: Tensor
+    ) -> Callable[[Tensor, int], Tensor]:
+        """A denoiser for one sampling call: `f(noisy_actions, step)` equals
+        `self.denoise(context, noisy_actions, row_cond + step_conds[step])`.
+
+        `row_cond` (N, cond_dim) is the part of the condition fixed for the call (the label embedding) and
+        `step_conds` (num_steps, cond_dim) the part of each Euler step, shared by every row (the time
+        embedding). A backbone may override this to compute everything that depends only on `context`,
+        `row_cond` and `step_conds` once, before the Euler loop; this default recomputes it at every step.
+        """
+        return lambda noisy_actions, step: self.denoise(context, noisy_actions, row_cond + step_conds[step])
