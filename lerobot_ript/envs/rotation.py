@@ -1,4 +1,4 @@
-"""One rotation matrix to a quaternion, bit-identical to scipy and about 30x faster.
+"""One rotation matrix to a quaternion, bit-identical to scipy and about 20x faster (5 us against 100 us).
 
 MetaWorld reads the pose of many task objects as `Rotation.from_matrix(xmat.reshape(3, 3)).as_quat()`.
 scipy's array-API dispatch makes that one 3x3 conversion cost about 100 us, a twentieth of an env step.
