@@ -27,7 +27,10 @@ HERE = Path(__file__).resolve().parent
 BASE = HERE / "base.yaml"
 
 ARMS: dict[str, tuple[str, list[str]]] = {
-    "ript": ("RIPT (defaults: RLOO, dynamic sampling, cfg objective, label dropout)", []),
+    "ript": (
+        "RIPT (defaults: RLOO, dynamic sampling, all-success groups kept as good, cfg objective, label dropout)",
+        [],
+    ),
     "bc": ("continued behaviour cloning on the demos", ["--data.demo_batch_size=256"]),
     "filtered": (
         "success-filtered fine-tuning on own successful rollouts",

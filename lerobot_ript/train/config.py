@@ -40,8 +40,9 @@ class RolloutConfig:
     enable_dynamic_sampling: bool = True
     # Keep the rollouts of all-success groups as good data (advantage 1/(K-1)) instead of dropping them (dynamic
     # sampling) or labelling them neutral: they carry no RLOO signal but are optimal behaviour for the cfg
-    # objective. They do not count toward rollout_goal_per_step.
-    keep_solved_groups: bool = False
+    # objective. They do not count toward rollout_goal_per_step. On by default: without them RIPT trailed
+    # success-filtered fine-tuning (benchmarks/learning/RESULTS.md, 3,840 episodes: 33.5% -> 42.0% with them).
+    keep_solved_groups: bool = True
     # Skip an initial state after this many all-success groups in a row (0 disables skipping).
     rollout_skip_threshold: int = 3
     # Classifier-free guidance scale w (>= 0) used while collecting rollouts.
