@@ -185,16 +185,16 @@ def _plot(plt, results: list[dict], sft_hist: list[dict]):
     for i, name in enumerate(a for a in ARMS if any(r["arm"] == a for r in results)):
         color = f"C{i}"
         runs = [r for r in results if r["arm"] == name]
-        points: dict[int, list[float]] = {}
+        # the k-th evaluation of every seed of an arm, averaged (seeds may reach it at slightly different episodes)
+        points: dict[int, list[tuple[int, float]]] = {}
         for r in runs:
             xy = start + [(p["episodes"], p["success_rate"]) for p in r["history"]]
             ax.plot(*zip(*xy, strict=True), color=color, alpha=0.3, linewidth=0.8)
-            for x, y in xy:
-                points.setdefault(x, []).append(y)
-        xs = sorted(points)
+            for k, point in enumerate(xy):
+                points.setdefault(k, []).append(point)
+        means = [[sum(c) / len(c) for c in zip(*points[k], strict=True)] for k in sorted(points)]
         ax.plot(
-            xs,
-            [sum(points[x]) / len(points[x]) for x in xs],
+            *zip(*means, strict=True),
             color=color,
             marker="o",
             linewidth=2,
