@@ -20,13 +20,14 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
+import sys
 import time
 import timeit
 from pathlib import Path
 
 import numpy as np
+from _common import cpu_name
 
 from lerobot_ript.envs.metaworld import MetaWorldStateEnv
 
@@ -136,8 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     results = {task: time_task(task, args) for task in args.tasks}
     res = {
-        "command": "python benchmarks/env_step_speed.py " + " ".join(argv if argv is not None else _argv()),
-        "cpu": _cpu_name(),
+        "command": "python benchmarks/env_step_speed.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "cpu": cpu_name(),
         "load_average_1min": os.getloadavg()[0],
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "tasks": results,
@@ -163,21 +165,6 @@ def main(argv: list[str] | None = None) -> dict:
     if not all(r["bit_identical"] for r in results.values()):
         raise SystemExit("The fast quaternions changed a trajectory: they must be bit-identical.")
     return res
-
-
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _argv() -> list[str]:
-    import sys
-
-    return sys.argv[1:]
 
 
 if __name__ == "__main__":

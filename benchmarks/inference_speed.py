@@ -20,14 +20,12 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _common import add_network_arguments, cpu_name, interleaved_times
 from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.utils.constants import ACTION, OBS_STATE
 
@@ -49,13 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("network")
-    g.add_argument("--state-dim", type=int, default=39)
-    g.add_argument("--action-dim", type=int, default=4)
-    g.add_argument("--chunk-size", type=int, default=8)
-    g.add_argument("--hidden-dim", type=int, default=256)
-    g.add_argument("--cond-dim", type=int, default=128)
-    g.add_argument("--num-layers", type=int, default=3)
-    g.add_argument("--num-inference-steps", type=int, default=10)
+    add_network_arguments(g, chunk_size=8)
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/inference_speed.json"))
     args = p.parse_args(argv)
     if args.repeats < 3 or args.warmup < 0 or min(args.batch_sizes) < 1 or args.threads < 1:
@@ -81,21 +73,6 @@ def build_policy(args: argparse.Namespace) -> RiptPolicy:
         for p in policy.parameters():
             p.normal_(0.0, 0.05)
     return policy
-
-
-def interleaved_times(fns: dict[str, Callable[[], torch.Tensor]], repeats: int, warmup: int) -> dict:
-    """Seconds per call of each fn; the order of the variants rotates every repeat."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def measure(policy: RiptPolicy, b: int, w: float, args: argparse.Namespace) -> dict:
@@ -147,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     res = {
         "command": "python benchmarks/inference_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "device": f"cpu ({_cpu_name()})",
+        "device": f"cpu ({cpu_name()})",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "load_average_1min": os.getloadavg()[0],
@@ -158,15 +135,6 @@ def main(argv: list[str] | None = None) -> dict:
     args.output.write_text(json.dumps(res, indent=2) + "\n")
     logger.info("1-min load average %.2f; wrote %s", res["load_average_1min"], args.output)
     return res
-
-
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

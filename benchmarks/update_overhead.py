@@ -34,13 +34,13 @@ import itertools
 import json
 import logging
 import os
-import platform
 import statistics
-import time
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _common import add_network_arguments, cpu_name, interleaved_times
 from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.utils.constants import ACTION, OBS_STATE
 
@@ -64,13 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("network (the policy's defaults unless set)")
-    g.add_argument("--state-dim", type=int, default=39)
-    g.add_argument("--action-dim", type=int, default=4)
-    g.add_argument("--chunk-size", type=int, default=50)
-    g.add_argument("--hidden-dim", type=int, default=256)
-    g.add_argument("--num-layers", type=int, default=3)
-    g.add_argument("--cond-dim", type=int, default=128)
-    g.add_argument("--num-inference-steps", type=int, default=10)
+    add_network_arguments(g, chunk_size=50)
     g.add_argument("--cameras", type=int, default=0, help="number of cameras (0: state only)")
     g.add_argument("--image-size", type=int, default=96, help="square camera image side, pixels")
     g.add_argument("--cfg-dropout-prob", type=float, default=0.1, help="label dropout of the cfg variant")
@@ -164,23 +158,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_times(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, device) -> dict:
-    """Seconds per call of each fn; the order of the variants rotates every repeat."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            _sync(device)
-            start = time.perf_counter()
-            fns[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def peak_extra_bytes(fn: Callable[[], None], device: torch.device) -> int:
     """Peak bytes allocated during fn() above the bytes allocated before it (see the module docstring)."""
     if device.type == "cuda":
@@ -259,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     policies, batches, obs = build(args, device)
 
     updates = {name: make_update(policies[name], batches[name]) for name in UPDATE_VARIANTS}
-    update_times = interleaved_times(updates, args.repeats, args.warmup, device)
+    update_times = interleaved_times(updates, args.repeats, args.warmup, lambda: _sync(device))
     update = {name: summarise(update_times[name]) for name in UPDATE_VARIANTS}
     for name in UPDATE_VARIANTS:
         update[name]["peak_extra_bytes"] = statistics.median(
@@ -268,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     with torch.no_grad():
         samplers = make_samplers(policies["plain"], obs, device)
-        sample_times = interleaved_times(samplers, args.repeats, args.warmup, device)
+        sample_times = interleaved_times(samplers, args.repeats, args.warmup, lambda: _sync(device))
     sampling = {name: summarise(sample_times[name]) for name in SAMPLE_VARIANTS}
 
     ratios = {
@@ -281,8 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
         "sampling_batched_over_w1": sampling["w2_batched"]["median_s"] / sampling["w1"]["median_s"],
     }
     res = {
-        "command": "python benchmarks/update_overhead.py " + " ".join(argv if argv is not None else _argv()),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({_cpu_name()})",
+        "command": "python benchmarks/update_overhead.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -310,21 +288,6 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info("%s", md)
     logger.info("wrote %s and %s", args.output, args.output.with_suffix(".md"))
     return res
-
-
-def _cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _argv() -> list[str]:
-    import sys
-
-    return sys.argv[1:]
 
 
 if __name__ == "__main__":
