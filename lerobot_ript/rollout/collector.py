@@ -243,14 +243,14 @@ class GroupedCollector:
             adv = rloo_advantages(torch.from_numpy(group_rewards)).reshape(-1).tolist()  # (G*K,)
             for ep, a in zip(episodes, adv, strict=True):
                 ep.advantage = float(a)
+        # solved groups: dropped ones are in `solved` (dynamic sampling), kept ones are in `episodes` (without)
         if self.keep_solved:
-            solved += [ep for g, r in zip(kept, rewards_kept, strict=True) if r.all() for ep in g]
-            for ep in solved:
+            solved_kept = [ep for g, r in zip(kept, rewards_kept, strict=True) if r.all() for ep in g]
+            for ep in solved + solved_kept:
                 ep.advantage = solved_advantage(self.k)
-        stats.solved_rollouts = len(solved)
-        extra = solved if self.dynamic_sampling else []  # without dynamic sampling they are in `episodes`
+            stats.solved_rollouts = len(solved) + len(solved_kept)
         return CollectionResult(
-            episodes=episodes, group_rewards=group_rewards, stats=stats, solved_episodes=extra
+            episodes=episodes, group_rewards=group_rewards, stats=stats, solved_episodes=solved
         )
 
     def _start_group(self, slot: _Slot, stats: CollectionStats) -> bool:
