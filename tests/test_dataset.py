@@ -238,6 +238,40 @@ def test_sampler_renormalises_over_the_kinds_present():
         EpisodeShares(good=-0.1)
 
 
+def test_sampler_by_advantage_draws_rollouts_in_proportion_to_their_advantage():
+    """RLOO weights: a group of K=8 with one success gives it A=1, a group with 7 successes gives each A=1/7;
+    with by_advantage the rare success is drawn 7x as often as each common one, failures likewise by |A|,
+    demos uniformly, and the kind shares are unchanged."""
+    ds = RiptDataset(chunk_size=4)
+    ds.add_episodes([episode(0, 10, 1.0)] + [episode(e, 10, 1 / 7) for e in range(1, 8)])  # good
+    ds.add_episodes([episode(8, 50, -1.0), episode(9, 50, -0.5)])  # bad
+    ds.add_episodes([episode(10, 30, None), episode(11, 30, None)])  # demos
+    shares = EpisodeShares(good=0.5, bad=0.3, demo=0.2)
+    n = 40_000
+    idx = EpisodeBalancedSampler(ds, shares, torch.Generator().manual_seed(0), by_advantage=True).sample(n)
+    counts = np.bincount(ds.frame_episode[idx].numpy(), minlength=12) / n
+    good_w = np.array([1.0] + [1 / 7] * 7)
+    np.testing.assert_allclose(counts[:8], 0.5 * good_w / good_w.sum(), atol=0.01)
+    np.testing.assert_allclose(counts[8:10], 0.3 * np.array([2, 1]) / 3, atol=0.01)
+    np.testing.assert_allclose(counts[10:], [0.1, 0.1], atol=0.01)
+    assert counts[0] / counts[1:8].mean() == pytest.approx(7, rel=0.15)
+
+    uniform = EpisodeBalancedSampler(ds, shares, torch.Generator().manual_seed(0)).sample(n)
+    np.testing.assert_allclose(
+        np.bincount(ds.frame_episode[uniform].numpy(), minlength=12)[:8] / n, [0.5 / 8] * 8, atol=0.01
+    )
+
+
+def test_sampler_by_advantage_keeps_a_zero_advantage_kind_uniform():
+    ds = RiptDataset(chunk_size=2)
+    ds.add_episodes([episode(e, 5, 0.0) for e in range(4)])  # neutral: all |A| = 0
+    sampler = EpisodeBalancedSampler(
+        ds, EpisodeShares(good=0, bad=0, neutral=1, demo=0), torch.Generator().manual_seed(0), by_advantage=True
+    )
+    counts = np.bincount(ds.frame_episode[sampler.sample(8000)].numpy(), minlength=4) / 8000
+    np.testing.assert_allclose(counts, [0.25] * 4, atol=0.03)
+
+
 # ------------------------------------------------------------------------------- training on a batch
 def test_ript_policy_trains_on_a_batch_through_its_real_preprocessor(tmp_path):
     """make_policy on the written rollouts' metadata, the policy's own preprocessor, one optimizer step: the

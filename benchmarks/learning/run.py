@@ -3,6 +3,7 @@
     python benchmarks/learning/run.py sft                 # demos + the shared SFT checkpoint (+ held-out eval)
     python benchmarks/learning/run.py arm --arm ript --seed 0
     python benchmarks/learning/run.py report              # RESULTS.md + success.png from every finished run
+    python benchmarks/learning/run.py guidance --run <run dir> --scales 1 2 3   # eval guidance sweep
     python benchmarks/learning/run.py all [--quick] [--seeds 0 1 2] [--arms ript bc ...] [--jobs 2]
     python benchmarks/learning/run.py all --arms ript filtered --seeds 0 --out benchmarks/learning/runs_3840 \
         --set rollout.max_train_episodes=3840 eval.eval_interval=10   # a larger budget (link runs/sft there)
@@ -128,6 +129,48 @@ def arm(out: Path, name: str, seed: int, quick: bool, extra: tuple[str, ...] = (
         json.dumps({"arm": name, "seed": seed, "wall_time_s": wall, "history": history}, indent=1)
     )
     return run_dir
+
+
+def guidance(run_dir: Path, scales: list[float], episodes: int) -> Path:
+    """Held-out success of a finished run's last checkpoint at several evaluation guidance scales, on the same
+    held-out initial states (the run's eval seeds) for every scale; written to `run_dir/guidance.json`."""
+    import torch
+    from lerobot.policies.factory import get_policy_class, make_pre_post_processors
+
+    from lerobot_ript.envs.metaworld import MetaWorldStateEnvConfig, make_vector_env
+    from lerobot_ript.policy.processor_ript import attach_ript_converter
+    from lerobot_ript.rollout.collector import make_chunk_policy
+    from lerobot_ript.rollout.evaluate import evaluate, wilson_interval
+
+    torch.set_num_threads(1)
+    ckpt = run_dir / "checkpoints" / "last" / "pretrained_model"
+    cfg = json.loads((ckpt / "train_config.json").read_text())
+    env_cfg = MetaWorldStateEnvConfig(task=cfg["env"]["task"], episode_length=cfg["env"]["episode_length"])
+    policy = get_policy_class("ript").from_pretrained(ckpt)
+    policy.eval()
+    pre, post = make_pre_post_processors(policy.config, pretrained_path=str(ckpt))
+    attach_ript_converter(pre)
+    seeds = [cfg["eval"]["seed_start"] + i for i in range(episodes)]
+    rows = []
+    for w in scales:
+        torch.manual_seed(0)
+        act = make_chunk_policy(
+            policy, pre, post, guidance_scale=w, n_action_steps=policy.config.n_action_steps
+        )
+        result = evaluate(
+            lambda n: make_vector_env(env_cfg, n),
+            act,
+            seeds,
+            num_envs=min(25, episodes),
+            max_episode_steps=env_cfg.episode_length,
+        )
+        wins = int(result.successes.sum())
+        lo, hi = wilson_interval(wins, episodes)
+        rows.append({"guidance_scale": w, "success_rate": wins / episodes, "ci_low": lo, "ci_high": hi})
+        sys.stdout.write(f"w={w}: {100 * wins / episodes:.1f}% ({100 * lo:.1f}-{100 * hi:.1f}), {episodes} ep\n")
+    path = run_dir / "guidance.json"
+    path.write_text(json.dumps({"episodes": episodes, "results": rows}, indent=1))
+    return path
 
 
 def report(out: Path) -> Path:
@@ -276,7 +319,7 @@ def _summary(results: list[dict], sft_hist: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["sft", "arm", "report", "all"])
+    p.add_argument("command", choices=["sft", "arm", "report", "all", "guidance"])
     p.add_argument("--arm", choices=sorted(ARMS), default="ript")
     p.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=MAIN_ARMS)
     p.add_argument("--seed", type=int, default=0)
@@ -294,7 +337,13 @@ def main(argv: list[str] | None = None) -> int:
         help="extra overrides for every arm (not the SFT run), e.g. rollout.max_train_episodes=3840; use a "
         "separate --out (the SFT checkpoint can be linked there: it is reused when present)",
     )
+    p.add_argument("--run", type=Path, help="guidance: the finished run directory to evaluate")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0], help="guidance: scales w")
+    p.add_argument("--episodes", type=int, default=200, help="guidance: held-out episodes per scale")
     a = p.parse_args(argv)
+    if a.command == "guidance":
+        guidance(a.run, a.scales, a.episodes)
+        return 0
     extra = tuple(f"--{kv.removeprefix('--')}" for kv in a.set)
     a.out.mkdir(parents=True, exist_ok=True)
     if a.command == "sft":

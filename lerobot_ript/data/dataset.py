@@ -201,11 +201,23 @@ class RiptDataset(torch.utils.data.Dataset):
 
 
 class EpisodeBalancedSampler:
-    """Draws frame indices: a kind by `shares`, then an episode of that kind uniformly, then a frame of it
-    uniformly. Failed rollouts run to the horizon while successes stop early, so uniform frame sampling
-    would make most frames "bad"; this keeps the good / bad / demo shares at their configured values."""
+    """Draws frame indices: a kind by `shares`, then an episode of that kind, then a frame of it uniformly.
+    Failed rollouts run to the horizon while successes stop early, so uniform frame sampling would make most
+    frames "bad"; this keeps the good / bad / demo shares at their configured values.
 
-    def __init__(self, dataset: RiptDataset, shares: EpisodeShares, generator: torch.Generator | None = None):
+    `by_advantage=False` draws the episode of a kind uniformly. `by_advantage=True` draws a rollout episode in
+    proportion to |advantage| (demos and a kind whose advantages are all zero stay uniform): the RLOO weight
+    of each rollout, so a rare success on a hard initial state (A = (K-1)/(K-1) = 1 when it is the group's only
+    one) weighs K-1 times a success on a state its group solved 7 times out of 8 (A = 1/(K-1))."""
+
+    def __init__(
+        self,
+        dataset: RiptDataset,
+        shares: EpisodeShares,
+        generator: torch.Generator | None = None,
+        *,
+        by_advantage: bool = False,
+    ):
         dataset._build()
         self.dataset, self.generator = dataset, generator
         self.kinds = [c for c in CATEGORIES if getattr(shares, c) > 0 and len(dataset.episodes_of(c))]
@@ -217,6 +229,13 @@ class EpisodeBalancedSampler:
         probs = torch.tensor([getattr(shares, c) for c in self.kinds], dtype=torch.float64)
         self.probs = probs / probs.sum()
         self.episodes = [torch.from_numpy(dataset.episodes_of(c)) for c in self.kinds]
+        # per kind: probabilities over its episodes (N_kind,), or None for uniform
+        self.episode_probs: list[Tensor | None] = [None] * len(self.kinds)
+        if by_advantage:
+            for k, (kind, eps) in enumerate(zip(self.kinds, self.episodes, strict=True)):
+                w = dataset.episode_adv[eps].abs().double()  # (N_kind,)
+                if kind != "demo" and w.sum() > 0:
+                    self.episode_probs[k] = w / w.sum()
 
     def sample(self, batch_size: int) -> Tensor:
         g = self.generator
@@ -226,7 +245,11 @@ class EpisodeBalancedSampler:
             sel = (kind == k).nonzero().flatten()
             if len(sel) == 0:
                 continue
-            ep = eps[torch.randint(len(eps), (len(sel),), generator=g)]
+            probs = self.episode_probs[k]
+            if probs is None:
+                ep = eps[torch.randint(len(eps), (len(sel),), generator=g)]
+            else:
+                ep = eps[torch.multinomial(probs, len(sel), replacement=True, generator=g)]
             start = torch.from_numpy(self.dataset.ep_start)[ep]
             length = torch.from_numpy(self.dataset.ep_end)[ep] - start
             out[sel] = start + (torch.rand(len(sel), generator=g, dtype=torch.float64) * length).long()

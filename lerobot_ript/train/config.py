@@ -107,6 +107,9 @@ class DataConfig:
     bad_share: float = 0.5
     # See good_share (zero-advantage rollouts exist only without dynamic sampling).
     neutral_share: float = 0.0
+    # How a rollout episode is drawn within its kind: "uniform", or "advantage" (in proportion to |RLOO
+    # advantage|, so a rare success on a hard initial state outweighs a success on a state its group solved).
+    episode_weighting: str = "uniform"
     # Rollouts of the last N iterations are trained on (>= 1; 1 = on-policy only).
     replay_iterations: int = 1
     # Write each iteration's rollouts as a LeRobotDataset under output_dir/rollouts/.
@@ -274,6 +277,7 @@ class RiptTrainConfig:
         _check_choice("optim.mixed_precision", o.mixed_precision, ("no", "bf16", "fp16"))
         _check_choice("log.wandb_mode", self.log.wandb_mode, ("offline", "online", "disabled"))
         _check_choice("advantage.estimator", self.advantage.estimator, ESTIMATORS)
+        _check_choice("data.episode_weighting", d.episode_weighting, ("uniform", "advantage"))
         try:
             self.advantage.processor()  # validates the advantage choices (did-you-mean on a typo)
         except ValueError as err:  # name the config key the user sets, not the processor's field

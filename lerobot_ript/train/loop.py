@@ -269,7 +269,9 @@ def training_batches(run: Run, rollouts: RiptDataset | None, generator: torch.Ge
     )
     roll_sampler = None
     if rollouts is not None and d.batch_size > demo_n:
-        roll_sampler = EpisodeBalancedSampler(rollouts, shares, generator)
+        roll_sampler = EpisodeBalancedSampler(
+            rollouts, shares, generator, by_advantage=d.episode_weighting == "advantage"
+        )
 
     def next_batch() -> dict[str, torch.Tensor]:
         parts = []
