@@ -266,7 +266,10 @@ def test_sampler_by_advantage_keeps_a_zero_advantage_kind_uniform():
     ds = RiptDataset(chunk_size=2)
     ds.add_episodes([episode(e, 5, 0.0) for e in range(4)])  # neutral: all |A| = 0
     sampler = EpisodeBalancedSampler(
-        ds, EpisodeShares(good=0, bad=0, neutral=1, demo=0), torch.Generator().manual_seed(0), by_advantage=True
+        ds,
+        EpisodeShares(good=0, bad=0, neutral=1, demo=0),
+        torch.Generator().manual_seed(0),
+        by_advantage=True,
     )
     counts = np.bincount(ds.frame_episode[sampler.sample(8000)].numpy(), minlength=4) / 8000
     np.testing.assert_allclose(counts, [0.25] * 4, atol=0.03)

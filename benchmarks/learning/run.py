@@ -167,7 +167,9 @@ def guidance(run_dir: Path, scales: list[float], episodes: int) -> Path:
         wins = int(result.successes.sum())
         lo, hi = wilson_interval(wins, episodes)
         rows.append({"guidance_scale": w, "success_rate": wins / episodes, "ci_low": lo, "ci_high": hi})
-        sys.stdout.write(f"w={w}: {100 * wins / episodes:.1f}% ({100 * lo:.1f}-{100 * hi:.1f}), {episodes} ep\n")
+        sys.stdout.write(
+            f"w={w}: {100 * wins / episodes:.1f}% ({100 * lo:.1f}-{100 * hi:.1f}), {episodes} ep\n"
+        )
     path = run_dir / "guidance.json"
     path.write_text(json.dumps({"episodes": episodes, "results": rows}, indent=1))
     return path
