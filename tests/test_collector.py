@@ -517,6 +517,37 @@ def test_skip_tracker_skips_a_solved_state_then_retries_it(pool, initial_state):
     assert failing.num_skipping == 0
 
 
+def test_fail_tracker_skips_a_failed_state_then_retries_it(pool, initial_state):
+    """fail_tracker threshold=1, a policy that never succeeds in 6 steps: seed 3 fails all K once, so its next
+    draw is skipped (seed 6 runs instead), then its history is cleared and seed 3 runs again; solved states are
+    not touched by it (the success tracker is off here)."""
+    k = 2
+    fail_tracker = SkipTracker(1)
+    sampler = SeedList([3, 3, 6, 3])
+    runs, skipped = [], []
+    with grouped_collector(
+        pool,
+        GroupPolicy(k, n_steps=4, seed=8),
+        group_size=k,
+        num_slots=1,
+        goal_rollouts=k,
+        max_groups=1,
+        seed_sampler=sampler,
+        fail_tracker=fail_tracker,
+        dynamic_sampling=False,
+        max_episode_steps=6,
+    ) as collector:
+        for _ in range(3):
+            result = collector.collect()
+            assert result.stats.success_rate == 0.0
+            runs.append(result.episodes[0].init_hash)
+            skipped.append(result.stats.skipped_states)
+    h3, h6 = (init_hash_of(TASK, initial_state(s)) for s in (3, 6))
+    assert sampler.drawn == [3, 3, 6, 3]
+    assert runs == [h3, h6, h3] and skipped == [0, 1, 0]
+    assert fail_tracker.state_dict()["streaks"] == {str(h3): 1, str(h6): 1}
+
+
 # ---------------------------------------------------------------------------------------------- faults
 class FaultyEnv(gym.Wrapper):
     """Raises in reset, or in the `at`-th step, once."""

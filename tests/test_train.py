@@ -757,3 +757,33 @@ def test_keep_solved_groups_reaches_the_collector(fresh_accelerate_state, keep):
         assert collector.keep_solved is keep and collector.dynamic_sampling
     finally:
         collector.close()
+
+
+def test_fail_skip_threshold_reaches_the_collector_and_its_history_is_restored(fresh_accelerate_state):
+    """rollout.fail_skip_threshold builds the collector's fail tracker, restored from the run state on resume
+    and saved back into it (the tracker's rule is tested in test_collector.py / test_sampling.py)."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from lerobot_ript.rollout.sampling import SkipTracker
+    from lerobot_ript.train.config import RiptTrainConfig
+    from lerobot_ript.train.loop import RunState, make_collector
+
+    saved = SkipTracker(2)
+    saved.update(123, all_succeeded=True)
+    saved.update(123, all_succeeded=True)
+    cfg = RiptTrainConfig()
+    cfg.rollout.fail_skip_threshold = 2
+    cfg.rollout.groups_per_round, cfg.rollout.rloo_batch_size = 1, 2
+    run = SimpleNamespace(
+        cfg=cfg, accelerator=Accelerator(cpu=True), state=RunState(fail_tracker=saved.state_dict())
+    )
+    collector = make_collector(run)
+    try:
+        assert collector.fail_tracker.threshold == 2 and collector.skip_tracker.threshold == 3
+        assert collector.fail_tracker.num_skipping == 1 and collector.skip_tracker.num_tracked == 0
+        assert collector.fail_tracker.state_dict() == saved.state_dict()
+    finally:
+        collector.close()
+    assert RiptTrainConfig().rollout.fail_skip_threshold == 0  # off unless asked for

@@ -11,7 +11,8 @@ the rollouts of a group that ALL succeeded are kept as good data (advantage `sol
 smallest advantage a success gets in a mixed group) instead of being dropped (dynamic sampling) or labelled
 neutral (advantage 0): they have no RLOO signal, but for the cfg objective they are optimal behaviour, and
 without them the policy is never trained on the states it already solves. A state solved
-by every rollout `skip_threshold` times in a row is skipped (SkipTracker). An env that raises costs its own
+by every rollout `skip_threshold` times in a row is skipped (SkipTracker), and, with a `fail_tracker`, so is
+a state failed by every rollout that many times in a row (its own threshold). An env that raises costs its own
 group; its slot is rebuilt and the fault counted.
 """
 
@@ -50,7 +51,7 @@ class CollectionStats:
     groups_kept: int = 0
     groups_dropped: int = 0  # all-equal rewards (no signal)
     groups_faulted: int = 0  # an env raised; the group was discarded and its slot rebuilt
-    skipped_states: int = 0  # initial states skipped by the tracker
+    skipped_states: int = 0  # initial states skipped by the trackers (solved or failed N times in a row)
     env_steps: int = 0
     steps_per_second: float = 0.0
     wall_time_s: float = 0.0
@@ -142,6 +143,7 @@ class GroupedCollector:
         max_groups: int,
         seed_sampler: SeedSampler,
         skip_tracker: SkipTracker | None = None,
+        fail_tracker: SkipTracker | None = None,
         dynamic_sampling: bool = True,
         max_episode_steps: int = 200,
         record_images: bool = False,
@@ -157,7 +159,8 @@ class GroupedCollector:
         self.make_group_env, self.policy, self.task = make_group_env, policy, task
         self.k, self.goal, self.max_groups = group_size, goal_rollouts, max_groups
         self.seed_sampler = seed_sampler
-        self.skip_tracker = skip_tracker or SkipTracker(0)
+        self.skip_tracker = skip_tracker or SkipTracker(0)  # streaks of all-success groups
+        self.fail_tracker = fail_tracker or SkipTracker(0)  # streaks of all-failure groups
         self.dynamic_sampling = dynamic_sampling
         self.keep_solved = keep_solved
         self.max_episode_steps = max_episode_steps
@@ -212,6 +215,7 @@ class GroupedCollector:
                 rewards = slot.success.astype(np.float32)  # (K,) binary task success
                 successes.extend(slot.success.tolist())
                 self.skip_tracker.update(slot.init_hash, bool(slot.success.all()))
+                self.fail_tracker.update(slot.init_hash, not slot.success.any())
                 if self.dynamic_sampling and not group_has_signal(rewards):
                     stats.groups_dropped += 1
                     if self.keep_solved and slot.success.all():
@@ -257,7 +261,8 @@ class GroupedCollector:
         """Reset a slot on a fresh (non-skipped) initial state, K equal seeds. False if the env faulted."""
         for _ in range(100):
             seed = self.seed_sampler()
-            if not self.skip_tracker.should_skip(self._hash_for_seed(seed)):
+            h = self._hash_for_seed(seed)
+            if not (self.skip_tracker.should_skip(h) or self.fail_tracker.should_skip(h)):
                 break
             stats.skipped_states += 1
         slot.seed, slot.steps, slot.images, slot.faulted = seed, [], [], False

@@ -45,6 +45,10 @@ class RolloutConfig:
     keep_solved_groups: bool = True
     # Skip an initial state after this many all-success groups in a row (0 disables skipping).
     rollout_skip_threshold: int = 3
+    # Skip an initial state after this many all-failure groups in a row (0 disables): like the rule above, it
+    # is skipped that many times and then retried. Such groups carry no signal, and at an equal episode
+    # budget every rollout spent on a state the policy cannot yet solve is lost to the states that teach.
+    fail_skip_threshold: int = 0
     # Classifier-free guidance scale w (>= 0) used while collecting rollouts.
     guidance_scale: float = 1.0
     # Training initial states are seeds in [0, train_seed_pool) (held-out evaluation uses eval.seed_start+).
@@ -243,6 +247,7 @@ class RiptTrainConfig:
         for name, value in [
             ("num_train_steps", self.num_train_steps),
             ("rollout.rollout_skip_threshold", r.rollout_skip_threshold),
+            ("rollout.fail_skip_threshold", r.fail_skip_threshold),
             ("rollout.guidance_scale", r.guidance_scale),
             ("eval.guidance_scale", self.eval.guidance_scale),
             ("eval.eval_interval", self.eval.eval_interval),

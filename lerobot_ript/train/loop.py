@@ -64,6 +64,7 @@ class RunState:
     episodes_seen: int = 0  # training rollouts, summed over ranks
     history: list[dict] = field(default_factory=list)  # evaluations
     skip_tracker: dict = field(default_factory=dict)
+    fail_tracker: dict = field(default_factory=dict)
     seed_hash: dict = field(default_factory=dict)
     replay: list[list[dict]] = field(default_factory=list)  # last iterations' episodes (serialised)
 
@@ -386,6 +387,7 @@ def run_eval(run: Run, iteration: int) -> dict[str, float]:
 
 def checkpoint(run: Run, collector: GroupedCollector) -> Path:
     run.state.skip_tracker = collector.skip_tracker.state_dict()
+    run.state.fail_tracker = collector.fail_tracker.state_dict()
     run.state.seed_hash = {str(k): v for k, v in collector._seed_hash.items()}
     return save_checkpoint(
         run.cfg.checkpoints_dir,
@@ -407,9 +409,11 @@ def make_collector(run: Run) -> GroupedCollector:
 
     cfg, rank, world = run.cfg, run.accelerator.process_index, run.accelerator.num_processes
     r = cfg.rollout
-    tracker = SkipTracker(r.rollout_skip_threshold)
+    tracker, fail_tracker = SkipTracker(r.rollout_skip_threshold), SkipTracker(r.fail_skip_threshold)
     if run.state.skip_tracker:
         tracker.load_state_dict(run.state.skip_tracker)
+    if run.state.fail_tracker:
+        fail_tracker.load_state_dict(run.state.fail_tracker)
     collector = GroupedCollector(
         lambda: make_vector_env(cfg.env, r.rloo_batch_size, use_async=r.use_async_envs),
         policy=None,
@@ -420,6 +424,7 @@ def make_collector(run: Run) -> GroupedCollector:
         max_groups=r.max_groups_per_step,
         seed_sampler=SeedSampler(r.train_seed_pool, 0, seed=cfg.seed + rank),
         skip_tracker=tracker,
+        fail_tracker=fail_tracker,
         dynamic_sampling=r.enable_dynamic_sampling,
         max_episode_steps=cfg.env.episode_length,
         overlap_inference=r.overlap_inference,
