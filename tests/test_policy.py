@@ -402,6 +402,35 @@ def test_guidance_endpoints_equal_single_branch_sampling(w: float, label: int) -
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("negative,label", [("null", LABEL_NULL), ("bad", LABEL_BAD)])
+def test_guidance_negative_picks_the_branch_guidance_moves_away_from(negative: str, label: int) -> None:
+    """v_neg + w (v_good - v_neg) with v_neg from the null or the bad label: w=0 samples that branch alone,
+    and the two negatives give different actions at w=2."""
+    policy = state_policy(guidance_negative=negative).eval()
+    batch, noise = state_batch(), fixed_noise(6)
+    context = policy.backbone.encode_observation(batch)
+    with torch.no_grad():
+        expected = euler_integrate(
+            lambda x, t: policy._velocity(context, x, t, torch.full((6,), label)),
+            noise,
+            policy.config.num_inference_steps,
+        )
+    for batched in (True, False):
+        got = policy.predict_action_chunk(batch, noise=noise, guidance_scale=0.0, batched_guidance=batched)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    policy.config.guidance_negative = "bad" if negative == "null" else "null"
+    other = policy.predict_action_chunk(batch, noise=noise, guidance_scale=2.0)
+    policy.config.guidance_negative = negative
+    assert (policy.predict_action_chunk(batch, noise=noise, guidance_scale=2.0) - other).abs().max() > 1e-3
+
+
+def test_guidance_negative_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"guidance_negative"):
+        tiny_config(guidance_negative="good")
+    with pytest.raises(ValueError, match=r"needs objective='cfg'"):
+        tiny_config(guidance_negative="bad", objective="cfgrl")
+
+
 def test_guidance_branches_share_no_mutable_tensor() -> None:
     policy = state_policy().eval()
     batch = state_batch()

@@ -131,9 +131,10 @@ def arm(out: Path, name: str, seed: int, quick: bool, extra: tuple[str, ...] = (
     return run_dir
 
 
-def guidance(run_dir: Path, scales: list[float], episodes: int) -> Path:
-    """Held-out success of a finished run's last checkpoint at several evaluation guidance scales, on the same
-    held-out initial states (the run's eval seeds) for every scale; written to `run_dir/guidance.json`."""
+def guidance(run_dir: Path, scales: list[float], negatives: list[str], episodes: int) -> Path:
+    """Held-out success of a finished run's last checkpoint at several evaluation guidance scales and negative
+    labels (`policy.guidance_negative`), on the same held-out initial states (the run's eval seeds) for every
+    setting; written to `run_dir/guidance.json`."""
     import torch
     from lerobot.policies.factory import get_policy_class, make_pre_post_processors
 
@@ -152,7 +153,10 @@ def guidance(run_dir: Path, scales: list[float], episodes: int) -> Path:
     attach_ript_converter(pre)
     seeds = [cfg["eval"]["seed_start"] + i for i in range(episodes)]
     rows = []
-    for w in scales:
+    settings = [(1.0, "null")] if 1.0 in scales else []  # w = 1 does not depend on the negative label
+    settings += [(w, neg) for w in scales if w != 1.0 for neg in negatives]
+    for w, neg in settings:
+        policy.config.guidance_negative = neg
         torch.manual_seed(0)
         act = make_chunk_policy(
             policy, pre, post, guidance_scale=w, n_action_steps=policy.config.n_action_steps
@@ -166,9 +170,17 @@ def guidance(run_dir: Path, scales: list[float], episodes: int) -> Path:
         )
         wins = int(result.successes.sum())
         lo, hi = wilson_interval(wins, episodes)
-        rows.append({"guidance_scale": w, "success_rate": wins / episodes, "ci_low": lo, "ci_high": hi})
+        rows.append(
+            {
+                "guidance_scale": w,
+                "negative": neg,
+                "success_rate": wins / episodes,
+                "ci_low": lo,
+                "ci_high": hi,
+            }
+        )
         sys.stdout.write(
-            f"w={w}: {100 * wins / episodes:.1f}% ({100 * lo:.1f}-{100 * hi:.1f}), {episodes} ep\n"
+            f"w={w} negative={neg}: {100 * wins / episodes:.1f}% ({100 * lo:.1f}-{100 * hi:.1f}), {episodes} ep\n"
         )
     path = run_dir / "guidance.json"
     path.write_text(json.dumps({"episodes": episodes, "results": rows}, indent=1))
@@ -341,10 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--run", type=Path, help="guidance: the finished run directory to evaluate")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0], help="guidance: scales w")
+    p.add_argument(
+        "--negatives", nargs="+", choices=["null", "bad"], default=["null"], help="guidance: negative labels"
+    )
     p.add_argument("--episodes", type=int, default=200, help="guidance: held-out episodes per scale")
     a = p.parse_args(argv)
     if a.command == "guidance":
-        guidance(a.run, a.scales, a.episodes)
+        guidance(a.run, a.scales, a.negatives, a.episodes)
         return 0
     extra = tuple(f"--{kv.removeprefix('--')}" for kv in a.set)
     a.out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from lerobot.optim.schedulers import CosineDecayWithWarmupSchedulerConfig
 from lerobot.utils.constants import ACTION
 
 OBJECTIVES = ("cfg", "cfgrl", "weighted")
+GUIDANCE_NEGATIVES = ("null", "bad")
 BACKBONES = ("small",)
 # Planned behind the same seam (lerobot_ript/policy/backbones/base.py); not available in this release.
 PLANNED_BACKBONES = ("pi0", "pi05", "smolvla")
@@ -79,6 +80,10 @@ class RiptConfig(PreTrainedConfig):
     cfg_alpha: float = 0.1
     # Classifier-free guidance scale w (>= 0) used by select_action / lerobot-eval. 1 = plain conditional.
     guidance_scale: float = 1.0
+    # The label guidance moves away from: "null" (classifier-free guidance, v_null + w (v_good - v_null)) or
+    # "bad" (contrast with the failure-conditioned branch, v_bad + w (v_good - v_bad); needs the "cfg" objective,
+    # the only one that trains the bad label). No effect at guidance_scale = 1.
+    guidance_negative: str = "null"
     # At sampling time, check that the two guidance branches share no storage (cheap; raises if they do).
     enable_cfg_safe_copy: bool = False
     # Flow time t ~ Beta(alpha, beta) * scale + offset during training (openpi's convention).
@@ -141,6 +146,13 @@ class RiptConfig(PreTrainedConfig):
         if self.guidance_scale < 0:
             raise ValueError(
                 f"guidance_scale={self.guidance_scale} must be >= 0 (1 = conditional policy, >1 = stronger guidance)."
+            )
+        if self.guidance_negative not in GUIDANCE_NEGATIVES:
+            raise _choice_error("guidance_negative", self.guidance_negative, GUIDANCE_NEGATIVES)
+        if self.guidance_negative == "bad" and self.objective != "cfg":
+            raise ValueError(
+                f"guidance_negative='bad' needs objective='cfg' (got '{self.objective}'): only it trains the bad "
+                "label. Use guidance_negative='null' or objective='cfg'."
             )
         if not 0.0 <= self.cfg_dropout_prob <= 1.0:
             raise ValueError(f"cfg_dropout_prob={self.cfg_dropout_prob} must be a probability in [0, 1].")

@@ -182,7 +182,8 @@ class RiptPolicy(PreTrainedPolicy):
         shape = (b, self.config.chunk_size, self.config.action_dim)
         x1 = sample_noise(shape, device) if noise is None else noise.to(device)
         good = torch.full((b,), LABEL_GOOD, dtype=torch.long, device=device)
-        null = torch.full_like(good, LABEL_NULL)
+        negative = LABEL_BAD if self.config.guidance_negative == "bad" else LABEL_NULL
+        null = torch.full_like(good, negative)  # the branch guidance moves away from
         if w == 1.0:
             fn = self._velocity_fn(context, good, precompute)
         elif batched_guidance:

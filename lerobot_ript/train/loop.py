@@ -49,6 +49,7 @@ RL_POLICY_FIELDS = (
     "cfg_dropout_prob",
     "cfg_alpha",
     "guidance_scale",
+    "guidance_negative",
     "enable_cfg_safe_copy",
     "num_inference_steps",
     "n_action_steps",
