@@ -182,20 +182,20 @@ class RiptPolicy(PreTrainedPolicy):
         shape = (b, self.config.chunk_size, self.config.action_dim)
         x1 = sample_noise(shape, device) if noise is None else noise.to(device)
         good = torch.full((b,), LABEL_GOOD, dtype=torch.long, device=device)
-        negative = LABEL_BAD if self.config.guidance_negative == "bad" else LABEL_NULL
-        null = torch.full_like(good, negative)  # the branch guidance moves away from
+        # the branch guidance moves away from: null (classifier-free guidance) or bad (policy.guidance_negative)
+        neg = torch.full_like(good, LABEL_BAD if self.config.guidance_negative == "bad" else LABEL_NULL)
         if w == 1.0:
             fn = self._velocity_fn(context, good, precompute)
         elif batched_guidance:
             ctx2 = self.backbone.repeat_context(context, 2)
             if self.config.enable_cfg_safe_copy:
                 _check_context_not_shared(context, ctx2)
-            v2 = self._velocity_fn(ctx2, torch.cat([good, null]), precompute)
+            v2 = self._velocity_fn(ctx2, torch.cat([good, neg]), precompute)
             fn = lambda x, t: _guide(*v2(torch.cat([x, x]), torch.cat([t, t])).chunk(2), w)  # noqa: E731
         else:
             v_good = self._velocity_fn(context, good, precompute)
-            v_null = self._velocity_fn(context, null, precompute)
-            fn = lambda x, t: _guide(v_good(x, t), v_null(x, t), w)  # noqa: E731
+            v_neg = self._velocity_fn(context, neg, precompute)
+            fn = lambda x, t: _guide(v_good(x, t), v_neg(x, t), w)  # noqa: E731
         return euler_integrate(fn, x1, self.config.num_inference_steps)
 
     @torch.no_grad()
@@ -284,9 +284,9 @@ def _grid_step(step_of: dict[float, int], t: Tensor) -> int:
     return step_of[time]
 
 
-def _guide(v_good: Tensor, v_null: Tensor, w: float) -> Tensor:
-    """Classifier-free guidance: v_null + w (v_good - v_null)."""
-    return v_null + w * (v_good - v_null)
+def _guide(v_good: Tensor, v_neg: Tensor, w: float) -> Tensor:
+    """Guidance: v_neg + w (v_good - v_neg), v_neg the null (classifier-free guidance) or the bad branch."""
+    return v_neg + w * (v_good - v_neg)
 
 
 def _tensors(batch: dict) -> list[tuple[str, Tensor]]:

@@ -39,7 +39,8 @@ def group_has_signal(rewards_row: Sequence[float] | np.ndarray, atol: float = RE
 class SkipTracker:
     """RIPT-VLA skip rule over initial states identified by ``init_hash``.
 
-    ``update`` counts consecutive all-success groups per state (any other group resets the count to 0).
+    ``update`` counts consecutive all-success groups per state (any other group resets the count to 0). The
+    same rule over all-FAILURE groups (``update(h, not any_success)``) is the collector's ``fail_tracker``.
     Once a state reached ``threshold`` of them, ``should_skip`` answers True and counts a skip; after
     ``threshold`` skips the state's history is cleared. ``threshold <= 0`` disables skipping.
     """
