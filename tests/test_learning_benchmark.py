@@ -54,6 +54,22 @@ def test_quick_smoke_two_arms(tmp_path):
     arms = ["ript", "filtered"]
     _check(tmp_path, arms, _run(tmp_path, arms))
 
+    # the guidance sweep of a finished run: w = 1 once, every other w with each negative label, same states
+    run_dir = tmp_path / "ript_seed0"
+    cmd = [sys.executable, str(SCRIPT), "guidance", "--run", str(run_dir), "--scales", "1", "2"]
+    cmd += ["--negatives", "null", "bad", "--episodes", "2"]
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sweep = json.loads((run_dir / "guidance.json").read_text())
+    assert sweep["episodes"] == 2
+    assert [(r["guidance_scale"], r["negative"]) for r in sweep["results"]] == [
+        (1.0, "null"),
+        (2.0, "null"),
+        (2.0, "bad"),
+    ]
+    assert all(r["success_rate"] in (0.0, 0.5, 1.0) and r["ci_low"] <= r["ci_high"] for r in sweep["results"])
+
 
 @pytest.mark.slow
 def test_quick_smoke_every_arm(tmp_path):
