@@ -146,7 +146,8 @@ def guidance(run_dir: Path, scales: list[float], negatives: list[str], episodes:
     torch.set_num_threads(1)
     ckpt = run_dir / "checkpoints" / "last" / "pretrained_model"
     cfg = json.loads((ckpt / "train_config.json").read_text())
-    env_cfg = MetaWorldStateEnvConfig(task=cfg["env"]["task"], episode_length=cfg["env"]["episode_length"])
+    keys = ("task", "episode_length", "obs_type", "image_size", "cameras", "terminate_on_success")
+    env_cfg = MetaWorldStateEnvConfig(**{k: cfg["env"][k] for k in keys if k in cfg["env"]})
     policy = get_policy_class("ript").from_pretrained(ckpt)
     policy.eval()
     pre, post = make_pre_post_processors(policy.config, pretrained_path=str(ckpt))
