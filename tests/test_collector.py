@@ -519,8 +519,7 @@ def test_skip_tracker_skips_a_solved_state_then_retries_it(pool, initial_state):
 
 def test_fail_tracker_skips_a_failed_state_then_retries_it(pool, initial_state):
     """fail_tracker threshold=1, a policy that never succeeds in 6 steps: seed 3 fails all K once, so its next
-    draw is skipped (seed 6 runs instead), then its history is cleared and seed 3 runs again; solved states are
-    not touched by it (the success tracker is off here)."""
+    draw is skipped (seed 6 runs instead), then its history is cleared and seed 3 runs again."""
     k = 2
     fail_tracker = SkipTracker(1)
     sampler = SeedList([3, 3, 6, 3])

@@ -761,7 +761,7 @@ def test_keep_solved_groups_reaches_the_collector(fresh_accelerate_state, keep):
 
 def test_fail_skip_threshold_reaches_the_collector_and_its_history_is_restored(fresh_accelerate_state):
     """rollout.fail_skip_threshold builds the collector's fail tracker, restored from the run state on resume
-    and saved back into it (the tracker's rule is tested in test_collector.py / test_sampling.py)."""
+    (the tracker's rule is tested in test_collector.py / test_sampling.py)."""
     from types import SimpleNamespace
 
     from accelerate import Accelerator
