@@ -121,6 +121,38 @@ def test_rollouts_written_with_advantages_load_with_per_frame_advantages(tmp_pat
     assert all_frames(demos)["advantages"].unique().tolist() == [1.0]
 
 
+def test_failed_demos_are_kept_dropped_or_labelled_bad_from_the_success_column(tmp_path):
+    """A demo dataset as the scripted recorder writes it (no advantages, a per-episode `success` column):
+    keep -> every episode a good demo; drop -> the failed one is gone; bad -> its frames carry A = -1 and
+    weight 0 (the optimality label is bad), the successful ones stay +1 with weight 1."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    demos = [episode(e, n, None, success=ok) for e, (n, ok) in enumerate([(6, True), (9, False), (4, True)])]
+    write_episodes(demos, tmp_path / "demos", "local/demos", FPS, with_advantages=False)
+    source = LeRobotDataset("local/demos", root=tmp_path / "demos")
+
+    kept = RiptDataset(chunk_size=4)
+    kept.add_lerobot_dataset(source, as_demo=True)  # the default is "keep"
+    assert kept.episodes_of("demo").tolist() == [0, 1, 2] and len(kept) == 19
+    assert all_frames(kept)["advantages"].unique().tolist() == [1.0]
+
+    dropped = RiptDataset(chunk_size=4)
+    dropped.add_lerobot_dataset(source, as_demo=True, failed_demos="drop")
+    assert dropped.num_episodes == 2 and len(dropped) == 10
+    assert all_frames(dropped)["observation.state"][:, 0].unique().tolist() == [0.0, 2.0]  # episodes 0 and 2 (state[0] = e)
+
+    bad = RiptDataset(chunk_size=4)
+    bad.add_lerobot_dataset(source, as_demo=True, failed_demos="bad")
+    frames = all_frames(bad)
+    assert bad.episodes_of("demo").tolist() == [0, 1, 2]  # still drawn by the demo sampler
+    assert frames["advantages"][6:15].unique().tolist() == [-1.0]
+    assert frames["advantage_weights"][6:15].unique().tolist() == [0.0]
+    assert frames["advantages"][:6].unique().tolist() == frames["advantages"][15:].unique().tolist() == [1.0]
+
+    with pytest.raises(ValueError, match="failed_demos='dorp': valid values are keep, drop, bad"):
+        RiptDataset(chunk_size=4).add_lerobot_dataset(source, as_demo=True, failed_demos="dorp")
+
+
 def test_plain_lerobot_dataset_loads_as_demos_with_camera_frames(tiny_dataset_factory):
     """A dataset made by LeRobot itself, without advantages, is all demos; camera frames come from the right
     source and frame, also for a second dataset added after the first."""

@@ -176,6 +176,7 @@ def files_containing(root: Path, needle: str) -> list[str]:
             ["optim.mixed_precision='bf61'", "['no', 'bf16', 'fp16']", "Did you mean 'bf16'?"],
         ),
         (["--optim.mixed_precision=fp8"], ["optim.mixed_precision='fp8'", "['no', 'bf16', 'fp16']"]),
+        (["--data.failed_demos=dorp"], ["data.failed_demos='dorp'", "Did you mean 'drop'?"]),
     ],
     ids=[
         "unknown-cli-key",
@@ -186,6 +187,7 @@ def files_containing(root: Path, needle: str) -> list[str]:
         "normalization",
         "mixed-precision-typo",
         "mixed-precision-unknown",
+        "failed-demos",
     ],
 )
 def test_invalid_config_fails_fast_with_value_rule_and_fix(args, expected):

@@ -22,6 +22,7 @@ from lerobot_ript.data.writer import EpisodeRecord
 from lerobot_ript.shapes import pad_or_truncate
 
 CATEGORIES = ("good", "bad", "neutral", "demo")
+FAILED_DEMOS = ("keep", "drop", "bad")  # what a demo episode whose `success` column is False becomes
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,17 @@ class RiptDataset(torch.utils.data.Dataset):
             w = (1.0 if demo else max(adv, 0.0)) if weights is None else float(weights[i])
             self._add(ep.states, ep.actions, adv, w, ep.init_hash, "demo" if demo else _category(adv), None)
 
-    def add_lerobot_dataset(self, dataset, *, as_demo: bool | None = None) -> None:
+    def add_lerobot_dataset(
+        self, dataset, *, as_demo: bool | None = None, failed_demos: str = "keep"
+    ) -> None:
         """Add every episode of a LeRobotDataset. With an `advantages` column, its frames are rollouts
-        (per-frame values, first frame of each episode used for the episode's kind); without, demos."""
+        (per-frame values, first frame of each episode used for the episode's kind); without, demos.
+
+        `failed_demos` decides what a demo episode whose `success` column is False becomes: "keep" (a demo
+        labelled good, like the others), "drop" (left out) or "bad" (a demo labelled bad: advantage -1, weight
+        0). A dataset without a `success` column counts every demo as successful."""
+        if failed_demos not in FAILED_DEMOS:
+            raise ValueError(f"failed_demos={failed_demos!r}: valid values are {', '.join(FAILED_DEMOS)}.")
         hf = dataset.hf_dataset.with_format("numpy")
         ep_index = np.asarray(hf["episode_index"]).reshape(-1)
         states = _column(hf, "observation.state", len(ep_index))
@@ -105,9 +114,18 @@ class RiptDataset(torch.utils.data.Dataset):
         )
         source = _Source(dataset=dataset, offset=0) if dataset.meta.camera_keys else None
         bounds = np.flatnonzero(np.diff(ep_index)) + 1
+        failed = (
+            ~np.asarray(hf["success"], bool).reshape(-1)
+            if adv is None and "success" in hf.column_names
+            else np.zeros(len(ep_index), bool)
+        )
         for start, end in zip(np.r_[0, bounds], np.r_[bounds, len(ep_index)], strict=True):
+            if failed[start] and failed_demos == "drop":
+                continue
             a = 1.0 if adv is None else float(adv[start])
             w = float(weights[start]) if weights is not None else (1.0 if adv is None else max(a, 0.0))
+            if failed[start] and failed_demos == "bad":
+                a, w = -1.0, 0.0
             h = int(hashes[start]) if hashes is not None else -1
             cat = "demo" if adv is None else _category(a)
             self._add(

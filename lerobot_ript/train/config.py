@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lerobot_ript.advantages import AdvantageProcessor
+from lerobot_ript.data.dataset import FAILED_DEMOS
 from lerobot_ript.envs import MetaWorldStateEnvConfig
 from lerobot_ript.policy.configuration_ript import RiptConfig, _choice_error
 
@@ -114,6 +115,11 @@ class DataConfig:
     # How a rollout episode is drawn within its kind: "uniform", or "advantage" (in proportion to |RLOO
     # advantage|, so a rare success on a hard initial state outweighs a success on a state its group solved).
     episode_weighting: str = "uniform"
+    # Demonstration episodes whose `success` column says they failed (the scripted recorder keeps them):
+    # "keep" (trained as good, like every demo), "drop" (not trained on), or "bad" (labelled bad: with the cfg
+    # objective they train the failure branch that guidance steers away from). Datasets without a `success`
+    # column count every episode as successful.
+    failed_demos: str = "keep"
     # Rollouts of the last N iterations are trained on (>= 1; 1 = on-policy only).
     replay_iterations: int = 1
     # Write each iteration's rollouts as a LeRobotDataset under output_dir/rollouts/.
@@ -283,6 +289,7 @@ class RiptTrainConfig:
         _check_choice("log.wandb_mode", self.log.wandb_mode, ("offline", "online", "disabled"))
         _check_choice("advantage.estimator", self.advantage.estimator, ESTIMATORS)
         _check_choice("data.episode_weighting", d.episode_weighting, ("uniform", "advantage"))
+        _check_choice("data.failed_demos", d.failed_demos, FAILED_DEMOS)
         try:
             self.advantage.processor()  # validates the advantage choices (did-you-mean on a typo)
         except ValueError as err:  # name the config key the user sets, not the processor's field

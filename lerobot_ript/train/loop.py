@@ -173,7 +173,12 @@ def setup(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
     demo_ds = load_demos(cfg, accelerator)
     policy, pre, post = build_policy(cfg, demo_ds)
     demo_data = RiptDataset(policy.config.chunk_size, policy.config.target_state_dim)
-    demo_data.add_lerobot_dataset(demo_ds, as_demo=True)
+    demo_data.add_lerobot_dataset(demo_ds, as_demo=True, failed_demos=cfg.data.failed_demos)
+    if demo_data.num_episodes == 0:
+        raise ValueError(
+            f"data.failed_demos=drop left no demonstration: all {demo_ds.num_episodes} episodes of "
+            f"{demo_ds.repo_id} failed. Use data.failed_demos=keep or bad, or record demos with less noise."
+        )
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay
     )
