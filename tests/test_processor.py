@@ -251,3 +251,43 @@ def test_pad_or_truncate_numpy_and_torch_agree(dim):
     np.testing.assert_array_equal(out_np, out_t.numpy())
     np.testing.assert_array_equal(out_np[..., : min(dim, 5)], x[..., : min(dim, 5)])
     assert not out_np[..., 5:].any()  # padding is zeros
+
+
+# ------------------------------------------------------------------------------------- state std floor
+def test_state_std_min_floors_the_state_std_and_is_saved_with_the_pipeline(adv_dataset: Path, tmp_path) -> None:
+    """A state dim with a near-zero std in the stats is normalised with the floor instead (z = (x - mean) /
+    max(std, floor)); dims above the floor and the action stats are untouched; the dataset's stats object is
+    not modified; the floored stats are what the saved pipeline reloads."""
+    meta = LeRobotDatasetMetadata("local/tiny", root=adv_dataset)
+    stats = {k: {s: torch.as_tensor(v).clone() for s, v in d.items()} for k, d in meta.stats.items()}
+    stats[OBS_STATE]["std"][0] = 1e-4  # a dim that barely moved in the demos
+    stats[OBS_STATE]["std"][1] = 2.0  # a dim above the floor
+    original = stats[OBS_STATE]["std"].clone()
+    state = stats[OBS_STATE]["mean"].clone()
+    state[0] += 0.05
+    state[1] += 0.5
+
+    plain_cfg = tiny_config()
+    floored_cfg = tiny_config(state_std_min=0.1)
+    for cfg in (plain_cfg, floored_cfg):
+        make_policy(cfg, ds_meta=meta)  # fills the config's input / output features from the dataset
+    plain, _ = make_pre_post_processors(plain_cfg, dataset_stats=stats)
+    floored, post = make_pre_post_processors(floored_cfg, dataset_stats=stats)
+    torch.testing.assert_close(stats[OBS_STATE]["std"], original)  # the caller's stats are not changed
+    batch = {OBS_STATE: state[None].float()}
+    z_plain = plain(dict(batch))[OBS_STATE][0]
+    z_floor = floored(dict(batch))[OBS_STATE][0]
+    assert z_plain[0] > 400  # 0.05 / 1e-4: what a rollout's puck rotation looked like without the floor
+    torch.testing.assert_close(z_floor[0], torch.tensor(0.5))  # 0.05 / 0.1
+    torch.testing.assert_close(z_floor[1], torch.tensor(0.25))  # 0.5 / 2.0, unchanged
+    torch.testing.assert_close(z_plain[1], z_floor[1])
+
+    floored.save_pretrained(tmp_path)
+    post.save_pretrained(tmp_path)
+    reloaded, _ = make_pre_post_processors(floored_cfg, pretrained_path=str(tmp_path))
+    torch.testing.assert_close(reloaded(dict(batch))[OBS_STATE][0], z_floor)
+
+
+def test_state_std_min_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="state_std_min=-1.0 must be >= 0"):
+        tiny_config(state_std_min=-1.0).validate_hyperparameters()

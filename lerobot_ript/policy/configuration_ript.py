@@ -67,6 +67,12 @@ class RiptConfig(PreTrainedConfig):
     image_channels: int = 32
     # Normalised state values are clamped to +-this bound (guards against near-zero std dims).
     state_clip: float = 10.0
+    # Floor on the std that normalises state features (MEAN_STD), applied to the dataset stats when the
+    # processors are built (0 = LeRobot's stats as they are). Stats of a few demonstrations give near-zero
+    # std to dims that barely moved there (a MetaWorld puck's quaternion: 0.002), so the policy's own
+    # rollouts map them to hundreds of stds; a floor in the state's units (0.05 for MetaWorld's metres)
+    # keeps them in range. It is stored in the saved processor stats, so a loaded policy uses it too.
+    state_std_min: float = 0.0
     # Zero-pad or truncate `observation.state` to this size (>= 1); None leaves the state as it is.
     target_state_dim: int | None = None
 
@@ -143,6 +149,8 @@ class RiptConfig(PreTrainedConfig):
             raise ValueError(
                 f"target_state_dim={self.target_state_dim} must be >= 1, or None to keep the dataset's state size."
             )
+        if self.state_std_min < 0:
+            raise ValueError(f"state_std_min={self.state_std_min} must be >= 0 (0 = no floor).")
         if self.guidance_scale < 0:
             raise ValueError(
                 f"guidance_scale={self.guidance_scale} must be >= 0 (1 = conditional policy, >1 = stronger guidance)."

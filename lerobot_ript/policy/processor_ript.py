@@ -82,6 +82,20 @@ class StateDimAdapterStep(ObservationProcessorStep):
         return features
 
 
+def floor_state_std(
+    config: RiptConfig, dataset_stats: dict[str, dict[str, Any]] | None
+) -> dict[str, dict[str, Any]] | None:
+    """A copy of `dataset_stats` whose STATE input features have std >= `config.state_std_min`."""
+    if not dataset_stats or config.state_std_min <= 0:
+        return dataset_stats
+    stats = {key: dict(value) for key, value in dataset_stats.items()}
+    for key, feature in config.input_features.items():
+        if feature.type is FeatureType.STATE and key in stats and "std" in stats[key]:
+            std = torch.as_tensor(stats[key]["std"], dtype=torch.float32)
+            stats[key]["std"] = std.clamp(min=config.state_std_min)
+    return stats
+
+
 def make_ript_pre_post_processors(
     config: RiptConfig,
     dataset_stats: dict[str, dict[str, torch.Tensor]] | None = None,
@@ -89,7 +103,11 @@ def make_ript_pre_post_processors(
     PolicyProcessorPipeline[dict[str, Any], dict[str, Any]],
     PolicyProcessorPipeline[PolicyAction, PolicyAction],
 ]:
-    """Rename -> batch -> device -> normalise -> state adapter; unnormalise -> cpu."""
+    """Rename -> batch -> device -> normalise -> state adapter; unnormalise -> cpu.
+
+    With `config.state_std_min > 0`, the std of every STATE input feature in `dataset_stats` is raised to at
+    least that value first (the stats passed in are not modified)."""
+    dataset_stats = floor_state_std(config, dataset_stats)
     s = make_default_policy_processor_steps(config, dataset_stats, normalizer_device=config.device)
     pre, post = make_policy_processor_pipelines(
         input_steps=[
