@@ -139,7 +139,10 @@ def test_failed_demos_are_kept_dropped_or_labelled_bad_from_the_success_column(t
     dropped = RiptDataset(chunk_size=4)
     dropped.add_lerobot_dataset(source, as_demo=True, failed_demos="drop")
     assert dropped.num_episodes == 2 and len(dropped) == 10
-    assert all_frames(dropped)["observation.state"][:, 0].unique().tolist() == [0.0, 2.0]  # episodes 0 and 2 (state[0] = e)
+    assert all_frames(dropped)["observation.state"][:, 0].unique().tolist() == [
+        0.0,
+        2.0,
+    ]  # episodes 0 and 2 (state[0] = e)
 
     bad = RiptDataset(chunk_size=4)
     bad.add_lerobot_dataset(source, as_demo=True, failed_demos="bad")

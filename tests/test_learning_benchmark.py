@@ -70,6 +70,20 @@ def test_quick_smoke_two_arms(tmp_path):
     ]
     assert all(r["success_rate"] in (0.0, 0.5, 1.0) and r["ci_low"] <= r["ci_high"] for r in sweep["results"])
 
+    # where the run's policy fails: success per quartile of each initial puck / goal coordinate, 4 episodes
+    cmd = [sys.executable, str(SCRIPT), "regions", "--run", str(run_dir), "--episodes", "4"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    found = json.loads((run_dir / "regions.json").read_text())
+    assert found["episodes"] == 4 and set(found["features"]) >= {"goal_x - puck_x", "puck_x", "goal_y"}
+    for feature in found["features"].values():
+        assert len(feature["quartile_edges"]) == 3 and feature["quartile_edges"] == sorted(
+            feature["quartile_edges"]
+        )
+        assert len(feature["success_per_quartile"]) == 4  # one of 4 episodes per quartile: 0 or 1 each
+        assert all(r in (0.0, 1.0) for r in feature["success_per_quartile"])
+        assert sum(feature["success_per_quartile"]) == 4 * found["success_rate"]
+
 
 @pytest.mark.slow
 def test_quick_smoke_every_arm(tmp_path):

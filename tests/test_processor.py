@@ -254,7 +254,9 @@ def test_pad_or_truncate_numpy_and_torch_agree(dim):
 
 
 # ------------------------------------------------------------------------------------- state std floor
-def test_state_std_min_floors_the_state_std_and_is_saved_with_the_pipeline(adv_dataset: Path, tmp_path) -> None:
+def test_state_std_min_floors_the_state_std_and_is_saved_with_the_pipeline(
+    adv_dataset: Path, tmp_path
+) -> None:
     """A state dim with a near-zero std in the stats is normalised with the floor instead (z = (x - mean) /
     max(std, floor)); dims above the floor and the action stats are untouched; the dataset's stats object is
     not modified; the floored stats are what the saved pipeline reloads."""

@@ -4,6 +4,7 @@
     python benchmarks/learning/run.py arm --arm ript --seed 0
     python benchmarks/learning/run.py report              # RESULTS.md + success.png from every finished run
     python benchmarks/learning/run.py guidance --run <run dir> --scales 1 2 3   # eval guidance sweep
+    python benchmarks/learning/run.py regions --run <run dir>   # held-out success by puck / goal position
     python benchmarks/learning/run.py all [--quick] [--seeds 0 1 2] [--arms ript bc ...] [--jobs 2]
     python benchmarks/learning/run.py all --arms ript filtered --seeds 0 --out benchmarks/learning/runs_3840 \
         --set rollout.max_train_episodes=3840 eval.eval_interval=10   # a larger budget (link runs/sft there)
@@ -131,17 +132,13 @@ def arm(out: Path, name: str, seed: int, quick: bool, extra: tuple[str, ...] = (
     return run_dir
 
 
-def guidance(run_dir: Path, scales: list[float], negatives: list[str], episodes: int) -> Path:
-    """Held-out success of a finished run's last checkpoint at several evaluation guidance scales and negative
-    labels (`policy.guidance_negative`), on the same held-out initial states (the run's eval seeds) for every
-    setting; written to `run_dir/guidance.json`."""
+def _load_run(run_dir: Path):
+    """The last checkpoint of a finished run: (env config, policy, preprocessor, postprocessor, train config)."""
     import torch
     from lerobot.policies.factory import get_policy_class, make_pre_post_processors
 
-    from lerobot_ript.envs.metaworld import MetaWorldStateEnvConfig, make_vector_env
+    from lerobot_ript.envs.metaworld import MetaWorldStateEnvConfig
     from lerobot_ript.policy.processor_ript import attach_ript_converter
-    from lerobot_ript.rollout.collector import make_chunk_policy
-    from lerobot_ript.rollout.evaluate import evaluate, wilson_interval
 
     torch.set_num_threads(1)
     ckpt = run_dir / "checkpoints" / "last" / "pretrained_model"
@@ -151,25 +148,44 @@ def guidance(run_dir: Path, scales: list[float], negatives: list[str], episodes:
     policy = get_policy_class("ript").from_pretrained(ckpt)
     policy.eval()
     pre, post = make_pre_post_processors(policy.config, pretrained_path=str(ckpt))
-    attach_ript_converter(pre)
+    return env_cfg, policy, attach_ript_converter(pre), post, cfg
+
+
+def _held_out(env_cfg, policy, pre, post, seeds: list[int], guidance_scale: float):
+    """Success per held-out seed (numpy bool array, in seed order) of the policy at one guidance scale."""
+    import torch
+
+    from lerobot_ript.envs.metaworld import make_vector_env
+    from lerobot_ript.rollout.collector import make_chunk_policy
+    from lerobot_ript.rollout.evaluate import evaluate
+
+    torch.manual_seed(0)
+    act = make_chunk_policy(
+        policy, pre, post, guidance_scale=guidance_scale, n_action_steps=policy.config.n_action_steps
+    )
+    return evaluate(
+        lambda n: make_vector_env(env_cfg, n),
+        act,
+        seeds,
+        num_envs=min(25, len(seeds)),
+        max_episode_steps=env_cfg.episode_length,
+    ).successes
+
+
+def guidance(run_dir: Path, scales: list[float], negatives: list[str], episodes: int) -> Path:
+    """Held-out success of a finished run's last checkpoint at several evaluation guidance scales and negative
+    labels (`policy.guidance_negative`), on the same held-out initial states (the run's eval seeds) for every
+    setting; written to `run_dir/guidance.json`."""
+    from lerobot_ript.rollout.evaluate import wilson_interval
+
+    env_cfg, policy, pre, post, cfg = _load_run(run_dir)
     seeds = [cfg["eval"]["seed_start"] + i for i in range(episodes)]
     rows = []
     settings = [(1.0, "null")] if 1.0 in scales else []  # w = 1 does not depend on the negative label
     settings += [(w, neg) for w in scales if w != 1.0 for neg in negatives]
     for w, neg in settings:
         policy.config.guidance_negative = neg
-        torch.manual_seed(0)
-        act = make_chunk_policy(
-            policy, pre, post, guidance_scale=w, n_action_steps=policy.config.n_action_steps
-        )
-        result = evaluate(
-            lambda n: make_vector_env(env_cfg, n),
-            act,
-            seeds,
-            num_envs=min(25, episodes),
-            max_episode_steps=env_cfg.episode_length,
-        )
-        wins = int(result.successes.sum())
+        wins = int(_held_out(env_cfg, policy, pre, post, seeds, w).sum())
         lo, hi = wilson_interval(wins, episodes)
         rows.append(
             {
@@ -185,6 +201,52 @@ def guidance(run_dir: Path, scales: list[float], negatives: list[str], episodes:
         )
     path = run_dir / "guidance.json"
     path.write_text(json.dumps({"episodes": episodes, "results": rows}, indent=1))
+    return path
+
+
+# push-v3's raw state: hand xyz 0:3, gripper 3, puck xyz 4:7, ..., goal xyz 36:39
+REGION_FEATURES = {
+    "goal_x - puck_x": lambda s: s[36] - s[4],
+    "goal_y - puck_y": lambda s: s[37] - s[5],
+    "puck_x": lambda s: s[4],
+    "puck_y": lambda s: s[5],
+    "goal_x": lambda s: s[36],
+    "goal_y": lambda s: s[37],
+}
+
+
+def regions(run_dir: Path, episodes: int) -> Path:
+    """Where a finished run's policy fails: held-out success by quartile of the initial puck and goal positions
+    (push-v3 state layout), at the run's evaluation guidance scale; written to `run_dir/regions.json`."""
+    import numpy as np
+
+    from lerobot_ript.envs.metaworld import make_vector_env
+
+    env_cfg, policy, pre, post, cfg = _load_run(run_dir)
+    if env_cfg.task != "push-v3":
+        raise SystemExit(f"regions reads push-v3's state layout; this run's task is {env_cfg.task}.")
+    seeds = [cfg["eval"]["seed_start"] + i for i in range(episodes)]
+    success = _held_out(env_cfg, policy, pre, post, seeds, cfg["eval"]["guidance_scale"])
+    env = make_vector_env(env_cfg, 1)
+    try:  # the initial state of each seed, as the evaluation reset it
+        starts = np.stack([env.reset(seed=[seed])[0]["agent_pos"][0] for seed in seeds])
+    finally:
+        env.close()
+    report = {"episodes": episodes, "success_rate": float(success.mean()), "features": {}}
+    sys.stdout.write(f"{run_dir}: {100 * success.mean():.1f}% of {episodes} held-out episodes\n")
+    for name, feature in REGION_FEATURES.items():
+        values = np.array([feature(s) for s in starts])
+        edges = np.quantile(values, [0.25, 0.5, 0.75])
+        bins = np.digitize(values, edges)
+        rates = [float(success[bins == b].mean()) for b in range(4)]
+        report["features"][name] = {"quartile_edges": edges.tolist(), "success_per_quartile": rates}
+        sys.stdout.write(
+            f"  {name:16s} quartiles split at {np.round(edges, 3).tolist()}: success "
+            + " / ".join(f"{100 * r:.0f}%" for r in rates)
+            + "\n"
+        )
+    path = run_dir / "regions.json"
+    path.write_text(json.dumps(report, indent=1))
     return path
 
 
@@ -334,7 +396,7 @@ def _summary(results: list[dict], sft_hist: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["sft", "arm", "report", "all", "guidance"])
+    p.add_argument("command", choices=["sft", "arm", "report", "all", "guidance", "regions"])
     p.add_argument("--arm", choices=sorted(ARMS), default="ript")
     p.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=MAIN_ARMS)
     p.add_argument("--seed", type=int, default=0)
@@ -352,15 +414,20 @@ def main(argv: list[str] | None = None) -> int:
         help="extra overrides for every arm (not the SFT run), e.g. rollout.max_train_episodes=3840; use a "
         "separate --out (the SFT checkpoint can be linked there: it is reused when present)",
     )
-    p.add_argument("--run", type=Path, help="guidance: the finished run directory to evaluate")
+    p.add_argument("--run", type=Path, help="guidance / regions: the finished run directory to evaluate")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0], help="guidance: scales w")
     p.add_argument(
         "--negatives", nargs="+", choices=["null", "bad"], default=["null"], help="guidance: negative labels"
     )
-    p.add_argument("--episodes", type=int, default=200, help="guidance: held-out episodes per scale")
+    p.add_argument(
+        "--episodes", type=int, default=200, help="guidance / regions: held-out episodes (per scale)"
+    )
     a = p.parse_args(argv)
     if a.command == "guidance":
         guidance(a.run, a.scales, a.negatives, a.episodes)
+        return 0
+    if a.command == "regions":
+        regions(a.run, a.episodes)
         return 0
     extra = tuple(f"--{kv.removeprefix('--')}" for kv in a.set)
     a.out.mkdir(parents=True, exist_ok=True)
