@@ -156,6 +156,25 @@ def test_failed_demos_are_kept_dropped_or_labelled_bad_from_the_success_column(t
         RiptDataset(chunk_size=4).add_lerobot_dataset(source, as_demo=True, failed_demos="dorp")
 
 
+def test_training_fails_with_a_fix_when_dropping_failed_demos_leaves_none(tmp_path):
+    """The training loop's demo set: drop with only failed demos names failed_demos; keep trains them."""
+    from types import SimpleNamespace
+
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from lerobot_ript.train.loop import demo_set
+
+    demos = [episode(e, 5, None, success=False) for e in range(2)]
+    write_episodes(demos, tmp_path / "demos", "local/failed", FPS, with_advantages=False)
+    source = LeRobotDataset("local/failed", root=tmp_path / "demos")
+    policy_config = SimpleNamespace(chunk_size=4, target_state_dim=None)
+
+    with pytest.raises(ValueError, match="failed_demos=drop left no demonstration: all 2 episodes of local/failed"):
+        demo_set(source, policy_config, "drop")
+    kept = demo_set(source, policy_config, "keep")
+    assert kept.episodes_of("demo").tolist() == [0, 1] and len(kept) == 10
+
+
 def test_plain_lerobot_dataset_loads_as_demos_with_camera_frames(tiny_dataset_factory):
     """A dataset made by LeRobot itself, without advantages, is all demos; camera frames come from the right
     source and frame, also for a second dataset added after the first."""

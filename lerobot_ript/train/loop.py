@@ -168,17 +168,28 @@ def build_policy(cfg: RiptTrainConfig, demo_ds):
     return policy, pre, post
 
 
+def demo_set(demo_ds, policy_config, failed_demos: str) -> RiptDataset:
+    """The demonstrations as a RiptDataset; fails with a fix when none is left to train on."""
+    demo_data = RiptDataset(policy_config.chunk_size, policy_config.target_state_dim)
+    demo_data.add_lerobot_dataset(demo_ds, as_demo=True, failed_demos=failed_demos)
+    if demo_data.num_episodes > 0:
+        return demo_data
+    if demo_ds.num_episodes == 0:
+        raise ValueError(
+            f"the demonstration dataset {demo_ds.repo_id} has no episodes. Point data.dataset_id / "
+            "data.dataset_root at a dataset with episodes, or leave data.dataset_id unset to record scripted demos."
+        )
+    raise ValueError(
+        f"data.failed_demos=drop left no demonstration: all {demo_ds.num_episodes} episodes of "
+        f"{demo_ds.repo_id} failed. Use data.failed_demos=keep or bad, or record demos with less noise."
+    )
+
+
 def setup(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
     set_seed(cfg.seed)  # identical initial parameters on every rank
     demo_ds = load_demos(cfg, accelerator)
     policy, pre, post = build_policy(cfg, demo_ds)
-    demo_data = RiptDataset(policy.config.chunk_size, policy.config.target_state_dim)
-    demo_data.add_lerobot_dataset(demo_ds, as_demo=True, failed_demos=cfg.data.failed_demos)
-    if demo_data.num_episodes == 0:
-        raise ValueError(
-            f"data.failed_demos=drop left no demonstration: all {demo_ds.num_episodes} episodes of "
-            f"{demo_ds.repo_id} failed. Use data.failed_demos=keep or bad, or record demos with less noise."
-        )
+    demo_data = demo_set(demo_ds, policy.config, cfg.data.failed_demos)
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay
     )
