@@ -169,7 +169,9 @@ def test_training_fails_with_a_fix_when_dropping_failed_demos_leaves_none(tmp_pa
     source = LeRobotDataset("local/failed", root=tmp_path / "demos")
     policy_config = SimpleNamespace(chunk_size=4, target_state_dim=None)
 
-    with pytest.raises(ValueError, match="failed_demos=drop left no demonstration: all 2 episodes of local/failed"):
+    with pytest.raises(
+        ValueError, match="failed_demos=drop left no demonstration: all 2 episodes of local/failed"
+    ):
         demo_set(source, policy_config, "drop")
     kept = demo_set(source, policy_config, "keep")
     assert kept.episodes_of("demo").tolist() == [0, 1] and len(kept) == 10
