@@ -47,6 +47,16 @@ ARMS: dict[str, tuple[str, list[str]]] = {
         "diagnostic: RIPT with 100 update steps per iteration (instead of 30)",
         ["--optim.update_steps_per_iteration=100"],
     ),
+    "ript_good_only": (
+        "diagnostic: RIPT training on successes only (no failure frames; the good branch gets the whole rollout "
+        "share of the batch, as in filtered)",
+        ["--data.good_share=1", "--data.bad_share=0"],
+    ),
+    "ript_bad_extra": (
+        "diagnostic: RIPT with the failure frames added on top of a filtered-sized good share (batch 384: "
+        "192 good, 128 bad, 64 demo frames)",
+        ["--data.batch_size=384", "--data.good_share=0.6", "--data.bad_share=0.4"],
+    ),
     "weighted": (
         "advantage-weighted flow matching (standard normalisation, softplus negatives)",
         [
@@ -57,7 +67,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     ),
 }
 
-# The six arms; `all` runs these (ript_u100 is a diagnostic, run on request with --arms).
+# The six arms; `all` runs these (ript_u100 and ript_good_only / ript_bad_extra are diagnostics, run on
+# request with --arms).
 MAIN_ARMS = ["ript", "bc", "filtered", "no_dynamic", "no_guidance", "weighted"]
 
 QUICK = [
