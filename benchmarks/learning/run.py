@@ -57,6 +57,10 @@ ARMS: dict[str, tuple[str, list[str]]] = {
         "192 good, 128 bad, 64 demo frames)",
         ["--data.batch_size=384", "--data.good_share=0.6", "--data.bad_share=0.4"],
     ),
+    "ript_cfgrl": (
+        "diagnostic: RIPT with the cfgrl objective (failure frames train only the null branch, weight cfg_alpha)",
+        ["--policy.objective=cfgrl"],
+    ),
     "weighted": (
         "advantage-weighted flow matching (standard normalisation, softplus negatives)",
         [
@@ -67,8 +71,8 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     ),
 }
 
-# The six arms; `all` runs these (ript_u100 and ript_good_only / ript_bad_extra are diagnostics, run on
-# request with --arms).
+# The six arms; `all` runs these (ript_u100, ript_good_only, ript_bad_extra and ript_cfgrl are diagnostics,
+# run on request with --arms).
 MAIN_ARMS = ["ript", "bc", "filtered", "no_dynamic", "no_guidance", "weighted"]
 
 QUICK = [
