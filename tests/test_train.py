@@ -177,6 +177,15 @@ def files_containing(root: Path, needle: str) -> list[str]:
         ),
         (["--optim.mixed_precision=fp8"], ["optim.mixed_precision='fp8'", "['no', 'bf16', 'fp16']"]),
         (["--data.failed_demos=dorp"], ["data.failed_demos='dorp'", "Did you mean 'drop'?"]),
+        (
+            ["--policy.guidance_negative=bad", "--data.bad_share=0"],
+            [
+                "guidance_negative='bad'",
+                "data.bad_share=0",
+                "--data.bad_share=",
+                "--policy.guidance_negative=null",
+            ],
+        ),
     ],
     ids=[
         "unknown-cli-key",
@@ -188,6 +197,7 @@ def files_containing(root: Path, needle: str) -> list[str]:
         "mixed-precision-typo",
         "mixed-precision-unknown",
         "failed-demos",
+        "bad-guidance-without-bad-frames",
     ],
 )
 def test_invalid_config_fails_fast_with_value_rule_and_fix(args, expected):

@@ -57,6 +57,11 @@ ARMS: dict[str, tuple[str, list[str]]] = {
         "192 good, 128 bad, 64 demo frames)",
         ["--data.batch_size=384", "--data.good_share=0.6", "--data.bad_share=0.4"],
     ),
+    "ript_good_adv": (
+        "diagnostic: RIPT on successes only, each success drawn in proportion to its RLOO advantage (a group's "
+        "only success 7 times as often as one of 7)",
+        ["--data.good_share=1", "--data.bad_share=0", "--data.episode_weighting=advantage"],
+    ),
     "ript_cfgrl": (
         "diagnostic: RIPT with the cfgrl objective (failure frames train only the null branch, weight cfg_alpha)",
         ["--policy.objective=cfgrl"],

@@ -285,6 +285,12 @@ class RiptTrainConfig:
             0,
             "must be > 0 when rollout frames are trained on",
         )
+        if self.policy.guidance_negative == "bad" and d.bad_share == 0 and d.failed_demos != "bad":
+            raise ValueError(
+                "policy.guidance_negative='bad' steers away from the failure-conditioned branch, but "
+                "data.bad_share=0 and data.failed_demos!='bad' train no frame with the bad label. Set "
+                "--data.bad_share=<value > 0> (or --data.failed_demos=bad), or --policy.guidance_negative=null."
+            )
         _check_choice("optim.mixed_precision", o.mixed_precision, ("no", "bf16", "fp16"))
         _check_choice("log.wandb_mode", self.log.wandb_mode, ("offline", "online", "disabled"))
         _check_choice("advantage.estimator", self.advantage.estimator, ESTIMATORS)
