@@ -77,12 +77,16 @@ class SeedList:
     """A seed sampler that returns the given seeds in order (IndexError once they run out)."""
 
     def __init__(self, seeds: list[int]) -> None:
-        self.seeds, self.drawn = list(seeds), []
+        self.seeds, self.drawn, self.recorded = list(seeds), [], []
+        self.curriculum = None
 
     def __call__(self) -> int:
         seed = self.seeds[len(self.drawn)]
         self.drawn.append(seed)
         return seed
+
+    def record(self, seed: int, successes: int, trials: int) -> None:
+        self.recorded.append((seed, successes, trials))
 
 
 class EnvPool:
@@ -545,6 +549,8 @@ def test_fail_tracker_skips_a_failed_state_then_retries_it(pool, initial_state):
     assert sampler.drawn == [3, 3, 6, 3]
     assert runs == [h3, h6, h3] and skipped == [0, 1, 0]
     assert fail_tracker.state_dict()["streaks"] == {str(h3): 1, str(h6): 1}
+    # every finished group reached the sampler (its curriculum, if any): seed, successes, trials
+    assert sampler.recorded == [(3, 0, k), (6, 0, k), (3, 0, k)]
 
 
 # ---------------------------------------------------------------------------------------------- faults

@@ -1,4 +1,4 @@
-"""Dynamic-sampling signal and the RIPT-VLA skip tracker."""
+"""Dynamic-sampling signal, the RIPT-VLA skip tracker and the state curriculum."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lerobot_ript.rollout.sampling import SkipTracker, group_has_signal
+from lerobot_ript.rollout.collector import SeedSampler
+from lerobot_ript.rollout.sampling import SkipTracker, StateCurriculum, group_has_signal, signal_probability
 
 
 # ------------------------------------------------------------------------------------ group_has_signal
@@ -119,3 +120,74 @@ def test_resumed_tracker_equals_uninterrupted(threshold: int, first, second) -> 
     resumed.load_state_dict(json.loads(json.dumps(before.state_dict())))
     assert play(resumed, second) == expected
     assert resumed.state_dict() == uninterrupted.state_dict()
+
+
+# ------------------------------------------------------------------------------------------ state curriculum
+@pytest.mark.parametrize(("successes", "failures"), [(0, 0), (0, 8), (8, 0), (4, 4), (1, 7), (2.5, 0.75)])
+def test_signal_probability_matches_monte_carlo(successes: float, failures: float) -> None:
+    """P(K rollouts mixed) with p ~ Beta(0.5 + s, 0.5 + f), against sampling p and then the K outcomes."""
+    rng = np.random.default_rng(0)
+    p = rng.beta(0.5 + successes, 0.5 + failures, size=200_000)
+    wins = rng.random((p.size, 8)) < p[:, None]
+    mixed = float((wins.any(1) & ~wins.all(1)).mean())
+    assert signal_probability(successes, failures, 8) == pytest.approx(mixed, abs=0.005)
+
+
+def test_signal_probability_orders_states_by_what_they_teach() -> None:
+    half, unseen, failed, solved = (signal_probability(s, f, 8) for s, f in [(4, 4), (0, 0), (0, 8), (8, 0)])
+    assert half > unseen > failed and failed == pytest.approx(solved)  # symmetric in success and failure
+    assert signal_probability(0, 16, 8) < failed  # more evidence of "always fails" weighs it down further
+    assert 0.0 <= signal_probability(0, 1e6, 8) < 1e-3
+
+
+def test_curriculum_discounts_old_groups() -> None:
+    cur = StateCurriculum(group_size=8, discount=0.5)
+    cur.record(7, 0, 8)
+    cur.record(7, 8, 8)  # the policy now solves it: (0 * 0.5 + 8, 8 * 0.5 + 0)
+    assert cur.state_dict() == {"counts": {"7": [8.0, 4.0]}}
+    assert cur.weight(7) == pytest.approx(signal_probability(8, 4, 8))
+    last_only = StateCurriculum(group_size=8, discount=0.0)
+    last_only.record(7, 0, 8)
+    last_only.record(7, 8, 8)
+    assert last_only.weight(7) == pytest.approx(signal_probability(8, 0, 8))
+    assert cur.weight(123) == pytest.approx(signal_probability(0, 0, 8))  # never tried: the prior
+
+
+def test_curriculum_state_dict_is_json_and_round_trips() -> None:
+    cur = StateCurriculum(group_size=4)
+    for seed, wins in [(1, 0), (2, 4), (3, 2), (1, 1)]:
+        cur.record(seed, wins, 4)
+    restored = StateCurriculum(group_size=4)
+    restored.load_state_dict(json.loads(json.dumps(cur.state_dict())))
+    seeds = list(range(6))
+    np.testing.assert_array_equal(restored.weights(seeds), cur.weights(seeds))
+
+
+def test_curriculum_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        StateCurriculum(group_size=1)
+    with pytest.raises(ValueError, match=r"discount=1.5 must be in \[0, 1\]"):
+        StateCurriculum(group_size=8, discount=1.5)
+    with pytest.raises(ValueError, match="successes=9 must be in"):
+        StateCurriculum(group_size=8).record(0, 9, 8)
+
+
+def test_seed_sampler_with_a_curriculum_draws_teaching_states_more_often() -> None:
+    """Pool of 4: seed 0 failed all 8 twice, seed 1 solved all 8 twice, seed 2 is half-solved, seed 3 untried.
+    Draw frequencies follow the weights; uniform sampling (no curriculum) would give 25% each."""
+    cur = StateCurriculum(group_size=8, discount=1.0)
+    for _ in range(2):
+        cur.record(0, 0, 8)
+        cur.record(1, 8, 8)
+        cur.record(2, 4, 8)
+    sampler = SeedSampler(4, start=0, seed=0, curriculum=cur)
+    counts = np.bincount([sampler() for _ in range(20_000)], minlength=4) / 20_000
+    expected = cur.weights([0, 1, 2, 3])
+    np.testing.assert_allclose(counts, expected, atol=0.015)
+    assert counts[2] > counts[3] > counts[0] and counts[2] > 3 * counts[0]
+    sampler.record(0, 4, 8)  # the sampler forwards a group's outcome to its curriculum
+    assert cur.state_dict()["counts"]["0"] == [4.0, 20.0]
+    uniform = SeedSampler(4, start=10, seed=0)
+    uniform.record(10, 4, 8)  # no curriculum: nothing to update, draws stay uniform over [10, 14)
+    draws = np.bincount([uniform() - 10 for _ in range(20_000)], minlength=4) / 20_000
+    np.testing.assert_allclose(draws, 0.25, atol=0.015)

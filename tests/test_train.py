@@ -177,6 +177,8 @@ def files_containing(root: Path, needle: str) -> list[str]:
         ),
         (["--optim.mixed_precision=fp8"], ["optim.mixed_precision='fp8'", "['no', 'bf16', 'fp16']"]),
         (["--data.failed_demos=dorp"], ["data.failed_demos='dorp'", "Did you mean 'drop'?"]),
+        (["--rollout.state_sampling=signl"], ["rollout.state_sampling='signl'", "Did you mean 'signal'?"]),
+        (["--rollout.curriculum_discount=2"], ["rollout.curriculum_discount=2.0", "must be in [0, 1]"]),
         (
             ["--policy.guidance_negative=bad", "--data.bad_share=0"],
             [
@@ -197,6 +199,8 @@ def files_containing(root: Path, needle: str) -> list[str]:
         "mixed-precision-typo",
         "mixed-precision-unknown",
         "failed-demos",
+        "state-sampling",
+        "curriculum-discount",
         "bad-guidance-without-bad-frames",
     ],
 )
@@ -799,3 +803,40 @@ def test_fail_skip_threshold_reaches_the_collector_and_its_history_is_restored(f
     finally:
         collector.close()
     assert RiptTrainConfig().rollout.fail_skip_threshold == 0  # off unless asked for
+
+
+def test_state_sampling_signal_builds_a_curriculum_restored_from_the_run_state(fresh_accelerate_state):
+    """rollout.state_sampling=signal gives the seed sampler a StateCurriculum (discount from the config), restored
+    from the run state on resume; "uniform" (the default) gives none (the rule is tested in test_sampling.py)."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from lerobot_ript.rollout.sampling import StateCurriculum
+    from lerobot_ript.train.config import RiptTrainConfig
+    from lerobot_ript.train.loop import RunState, make_collector
+
+    saved = StateCurriculum(group_size=2, discount=0.25)
+    saved.record(5, 0, 2)
+    saved.record(9, 1, 2)
+    cfg = RiptTrainConfig()
+    cfg.rollout.state_sampling, cfg.rollout.curriculum_discount = "signal", 0.25
+    cfg.rollout.groups_per_round, cfg.rollout.rloo_batch_size = 1, 2
+    run = SimpleNamespace(
+        cfg=cfg, accelerator=Accelerator(cpu=True), state=RunState(curriculum=saved.state_dict())
+    )
+    collector = make_collector(run)
+    try:
+        cur = collector.seed_sampler.curriculum
+        assert cur.discount == 0.25 and cur.group_size == 2
+        assert cur.state_dict() == saved.state_dict()
+        assert cur.weights(range(10)).tolist() == saved.weights(range(10)).tolist()
+    finally:
+        collector.close()
+    cfg.rollout.state_sampling = "uniform"
+    collector = make_collector(SimpleNamespace(cfg=cfg, accelerator=Accelerator(cpu=True), state=RunState()))
+    try:
+        assert collector.seed_sampler.curriculum is None
+    finally:
+        collector.close()
+    assert RiptTrainConfig().rollout.state_sampling == "uniform"  # off unless asked for

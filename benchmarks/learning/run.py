@@ -30,7 +30,8 @@ BASE = HERE / "base.yaml"
 
 ARMS: dict[str, tuple[str, list[str]]] = {
     "ript": (
-        "RIPT (defaults: RLOO, dynamic sampling, all-success groups kept as good, cfg objective, label dropout)",
+        "RIPT (defaults: RLOO, dynamic sampling, all-success groups kept as good, successes and demos trained, "
+        "cfg objective, label dropout)",
         [],
     ),
     "bc": ("continued behaviour cloning on the demos", ["--data.demo_batch_size=256"]),
@@ -48,9 +49,14 @@ ARMS: dict[str, tuple[str, list[str]]] = {
         ["--optim.update_steps_per_iteration=100"],
     ),
     "ript_good_only": (
-        "diagnostic: RIPT training on successes only (no failure frames; the good branch gets the whole rollout "
-        "share of the batch, as in filtered)",
+        "diagnostic: RIPT training on successes only (the defaults since the seventh measurement; before, "
+        "failure frames took half of the rollout share)",
         ["--data.good_share=1", "--data.bad_share=0"],
+    ),
+    "ript_half_bad": (
+        "diagnostic: RIPT with the failure frames trained under the bad label, half of the rollout share (the "
+        "defaults up to the sixth measurement)",
+        ["--data.good_share=0.5", "--data.bad_share=0.5"],
     ),
     "ript_bad_extra": (
         "diagnostic: RIPT with the failure frames added on top of a filtered-sized good share (batch 384: "
@@ -62,9 +68,14 @@ ARMS: dict[str, tuple[str, list[str]]] = {
         "only success 7 times as often as one of 7)",
         ["--data.good_share=1", "--data.bad_share=0", "--data.episode_weighting=advantage"],
     ),
+    "ript_curriculum": (
+        "diagnostic: RIPT drawing initial states in proportion to the probability that their group has signal "
+        "(rollout.state_sampling=signal)",
+        ["--rollout.state_sampling=signal"],
+    ),
     "ript_cfgrl": (
         "diagnostic: RIPT with the cfgrl objective (failure frames train only the null branch, weight cfg_alpha)",
-        ["--policy.objective=cfgrl"],
+        ["--policy.objective=cfgrl", "--data.good_share=0.5", "--data.bad_share=0.5"],
     ),
     "weighted": (
         "advantage-weighted flow matching (standard normalisation, softplus negatives)",
@@ -72,6 +83,10 @@ ARMS: dict[str, tuple[str, list[str]]] = {
             "--policy.objective=weighted",
             "--advantage.normalization=standard",
             "--advantage.negative_handling=softplus",
+            # its own batch: successes and failures half and half, drawn uniformly (the loss does the weighting)
+            "--data.good_share=0.5",
+            "--data.bad_share=0.5",
+            "--data.episode_weighting=uniform",
         ],
     ),
 }

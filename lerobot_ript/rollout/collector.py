@@ -31,7 +31,7 @@ import torch
 
 from lerobot_ript.advantages import rloo_advantages
 from lerobot_ript.data.writer import EpisodeRecord, init_hash_of
-from lerobot_ript.rollout.sampling import SkipTracker, group_has_signal
+from lerobot_ript.rollout.sampling import SkipTracker, StateCurriculum, group_has_signal
 
 logger = logging.getLogger(__name__)
 
@@ -96,16 +96,28 @@ class CollectionResult:
 
 
 class SeedSampler:
-    """Draws initial-state seeds uniformly from [start, start + pool_size) with its own RNG (resumable)."""
+    """Draws initial-state seeds from [start, start + pool_size) with its own RNG (resumable): uniformly, or with
+    a `StateCurriculum`'s weights (the collector records every finished group in it)."""
 
-    def __init__(self, pool_size: int, start: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self, pool_size: int, start: int = 0, seed: int = 0, curriculum: StateCurriculum | None = None
+    ) -> None:
         if pool_size < 1:
             raise ValueError(f"pool_size={pool_size} must be >= 1.")
         self.pool_size, self.start = pool_size, start
         self.rng = np.random.default_rng(seed)
+        self.curriculum = curriculum
 
     def __call__(self) -> int:
-        return self.start + int(self.rng.integers(self.pool_size))
+        if self.curriculum is None:
+            return self.start + int(self.rng.integers(self.pool_size))
+        seeds = np.arange(self.start, self.start + self.pool_size)
+        return int(self.rng.choice(seeds, p=self.curriculum.weights(seeds)))
+
+    def record(self, seed: int, successes: int, trials: int) -> None:
+        """A finished group's outcome (used by the curriculum, if any)."""
+        if self.curriculum is not None:
+            self.curriculum.record(seed, successes, trials)
 
     def state_dict(self) -> dict:
         return {"bit_generator": self.rng.bit_generator.state}
@@ -214,6 +226,7 @@ class GroupedCollector:
                     continue
                 rewards = slot.success.astype(np.float32)  # (K,) binary task success
                 successes.extend(slot.success.tolist())
+                self.seed_sampler.record(slot.seed, int(slot.success.sum()), self.k)
                 self.skip_tracker.update(slot.init_hash, bool(slot.success.all()))
                 self.fail_tracker.update(slot.init_hash, not slot.success.any())
                 if self.dynamic_sampling and not group_has_signal(rewards):

@@ -4,6 +4,7 @@
   dynamic sampling (in the collector) drops it and samples more.
 - ``SkipTracker``: the RIPT-VLA rule. An initial state whose K rollouts all succeeded ``threshold``
   groups in a row is skipped; after ``threshold`` skips its history is cleared so it is retried.
+- ``StateCurriculum``: draw weights over initial states, the probability that a group from the state has signal.
 """
 
 from __future__ import annotations
@@ -113,3 +114,69 @@ class SkipTracker:
 
     def __repr__(self) -> str:
         return f"SkipTracker(threshold={self.threshold}, tracked={self.num_tracked}, skipping={self.num_skipping})"
+
+
+def signal_probability(successes: float, failures: float, group_size: int, prior: float = 0.5) -> float:
+    """Probability that a group of ``group_size`` rollouts from one initial state has mixed outcomes (RLOO signal),
+    under a Beta(prior + successes, prior + failures) posterior of the state's success rate (Jeffreys prior 0.5).
+
+    1 - E[p^K] - E[(1-p)^K], with E[p^K] = prod_{i<K} (a + i) / (a + b + i) for p ~ Beta(a, b).
+    """
+    a, b = prior + float(successes), prior + float(failures)
+    i = np.arange(group_size, dtype=np.float64)
+    all_success = float(np.prod((a + i) / (a + b + i)))
+    all_failure = float(np.prod((b + i) / (a + b + i)))
+    return max(0.0, 1.0 - all_success - all_failure)
+
+
+class StateCurriculum:
+    """Weights over initial-state seeds that move rollouts to the states whose groups teach.
+
+    Each seed keeps discounted counts of its rollouts' successes and failures (``discount`` per new group, so
+    the estimate follows the improving policy); its weight is ``signal_probability`` of those counts. A seed
+    never tried has the prior's weight (0.61 for K = 8), one whose 8 rollouts all failed (or all succeeded) once
+    0.29, a half-solved one 0.95. Dynamic sampling drops groups without signal after paying for them; this
+    spends fewer of the episodes on them in the first place.
+    """
+
+    def __init__(self, group_size: int, discount: float = 0.5, prior: float = 0.5) -> None:
+        if group_size < 2:
+            raise ValueError(f"StateCurriculum needs group_size >= 2 (got {group_size}).")
+        if not 0.0 <= discount <= 1.0:
+            raise ValueError(f"StateCurriculum discount={discount} must be in [0, 1].")
+        if prior <= 0:
+            raise ValueError(f"StateCurriculum prior={prior} must be > 0.")
+        self.group_size, self.discount, self.prior = int(group_size), float(discount), float(prior)
+        self._counts: dict[
+            int, tuple[float, float]
+        ] = {}  # seed -> (discounted successes, discounted failures)
+
+    def record(self, seed: int, successes: int, trials: int) -> None:
+        """One finished group of ``trials`` rollouts from ``seed``, ``successes`` of them successful."""
+        if not 0 <= successes <= trials:
+            raise ValueError(
+                f"StateCurriculum.record: successes={successes} must be in [0, trials={trials}]."
+            )
+        s, f = self._counts.get(int(seed), (0.0, 0.0))
+        self._counts[int(seed)] = (self.discount * s + successes, self.discount * f + trials - successes)
+
+    def weight(self, seed: int) -> float:
+        s, f = self._counts.get(int(seed), (0.0, 0.0))
+        return signal_probability(s, f, self.group_size, self.prior)
+
+    def weights(self, seeds: Sequence[int]) -> np.ndarray:
+        """Draw probabilities over ``seeds`` (sum 1)."""
+        w = np.array([self.weight(s) for s in seeds], dtype=np.float64)
+        total = w.sum()
+        if not total > 0:  # every weight is > 0 for a finite count; guard against an empty pool only
+            raise ValueError("StateCurriculum.weights needs at least one seed.")
+        return w / total
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"counts": {str(k): list(v) for k, v in self._counts.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._counts = {int(k): (float(v[0]), float(v[1])) for k, v in state["counts"].items()}
+
+    def __repr__(self) -> str:
+        return f"StateCurriculum(K={self.group_size}, discount={self.discount}, seeds={len(self._counts)})"

@@ -30,7 +30,7 @@ from lerobot_ript.data.dataset import EpisodeBalancedSampler, EpisodeShares, Rip
 from lerobot_ript.data.writer import EpisodeRecord
 from lerobot_ript.rollout.collector import GroupedCollector, SeedSampler, make_chunk_policy
 from lerobot_ript.rollout.evaluate import evaluate, wilson_interval
-from lerobot_ript.rollout.sampling import SkipTracker
+from lerobot_ript.rollout.sampling import SkipTracker, StateCurriculum
 from lerobot_ript.train.checkpoint import (
     last_checkpoint,
     load_training_state,
@@ -66,6 +66,7 @@ class RunState:
     history: list[dict] = field(default_factory=list)  # evaluations
     skip_tracker: dict = field(default_factory=dict)
     fail_tracker: dict = field(default_factory=dict)
+    curriculum: dict = field(default_factory=dict)  # StateCurriculum (rollout.state_sampling=signal)
     seed_hash: dict = field(default_factory=dict)
     replay: list[list[dict]] = field(default_factory=list)  # last iterations' episodes (serialised)
 
@@ -405,6 +406,8 @@ def run_eval(run: Run, iteration: int) -> dict[str, float]:
 def checkpoint(run: Run, collector: GroupedCollector) -> Path:
     run.state.skip_tracker = collector.skip_tracker.state_dict()
     run.state.fail_tracker = collector.fail_tracker.state_dict()
+    if collector.seed_sampler.curriculum is not None:
+        run.state.curriculum = collector.seed_sampler.curriculum.state_dict()
     run.state.seed_hash = {str(k): v for k, v in collector._seed_hash.items()}
     return save_checkpoint(
         run.cfg.checkpoints_dir,
@@ -431,6 +434,11 @@ def make_collector(run: Run) -> GroupedCollector:
         tracker.load_state_dict(run.state.skip_tracker)
     if run.state.fail_tracker:
         fail_tracker.load_state_dict(run.state.fail_tracker)
+    curriculum = None
+    if r.state_sampling == "signal":
+        curriculum = StateCurriculum(r.rloo_batch_size, discount=r.curriculum_discount)
+        if run.state.curriculum:
+            curriculum.load_state_dict(run.state.curriculum)
     collector = GroupedCollector(
         lambda: make_vector_env(cfg.env, r.rloo_batch_size, use_async=r.use_async_envs),
         policy=None,
@@ -439,7 +447,7 @@ def make_collector(run: Run) -> GroupedCollector:
         num_slots=r.groups_per_round,
         goal_rollouts=max(1, -(-r.rollout_goal_per_step // world)),
         max_groups=r.max_groups_per_step,
-        seed_sampler=SeedSampler(r.train_seed_pool, 0, seed=cfg.seed + rank),
+        seed_sampler=SeedSampler(r.train_seed_pool, 0, seed=cfg.seed + rank, curriculum=curriculum),
         skip_tracker=tracker,
         fail_tracker=fail_tracker,
         dynamic_sampling=r.enable_dynamic_sampling,
