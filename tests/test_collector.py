@@ -78,7 +78,6 @@ class SeedList:
 
     def __init__(self, seeds: list[int]) -> None:
         self.seeds, self.drawn, self.recorded = list(seeds), [], []
-        self.curriculum = None
 
     def __call__(self) -> int:
         seed = self.seeds[len(self.drawn)]

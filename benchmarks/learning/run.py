@@ -91,8 +91,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
     ),
 }
 
-# The six arms; `all` runs these (ript_u100, ript_good_only, ript_bad_extra and ript_cfgrl are diagnostics,
-# run on request with --arms).
+# The six arms; `all` runs these (every other arm is a diagnostic, run on request with --arms).
 MAIN_ARMS = ["ript", "bc", "filtered", "no_dynamic", "no_guidance", "weighted"]
 
 QUICK = [

@@ -147,9 +147,8 @@ class StateCurriculum:
         if prior <= 0:
             raise ValueError(f"StateCurriculum prior={prior} must be > 0.")
         self.group_size, self.discount, self.prior = int(group_size), float(discount), float(prior)
-        self._counts: dict[
-            int, tuple[float, float]
-        ] = {}  # seed -> (discounted successes, discounted failures)
+        # seed -> (discounted successes, discounted failures)
+        self._counts: dict[int, tuple[float, float]] = {}
 
     def record(self, seed: int, successes: int, trials: int) -> None:
         """One finished group of ``trials`` rollouts from ``seed``, ``successes`` of them successful."""
@@ -168,8 +167,11 @@ class StateCurriculum:
         """Draw probabilities over ``seeds`` (sum 1)."""
         w = np.array([self.weight(s) for s in seeds], dtype=np.float64)
         total = w.sum()
-        if not total > 0:  # every weight is > 0 for a finite count; guard against an empty pool only
-            raise ValueError("StateCurriculum.weights needs at least one seed.")
+        if not total > 0:  # an empty pool, or every weight underflowed to 0 (discount=1 and huge counts)
+            raise ValueError(
+                f"StateCurriculum.weights: no seed has a positive weight among {len(w)} seeds; pass a non-empty "
+                "pool, or use a discount < 1 so that old groups fade."
+            )
         return w / total
 
     def state_dict(self) -> dict[str, Any]:
