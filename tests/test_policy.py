@@ -270,6 +270,8 @@ def test_loss_is_finite_for_every_objective(objective: str) -> None:
     adv = torch.tensor([1.0, -0.5, 0.0, 2.0, -1.0, 0.3])
     if objective == "weighted":
         adv = adv.abs()
+    if objective == "repel":
+        policy.set_reference()
     loss, metrics = policy.forward(state_batch(advantages=adv))
     per_sample, _ = policy.forward(state_batch(advantages=adv), reduction="none")
     assert loss.dim() == 0 and torch.isfinite(loss)
@@ -364,6 +366,97 @@ def test_cfgrl_all_bad_trains_only_the_null_branch() -> None:
     policy.zero_grad()
     policy.forward(state_batch(advantages=torch.ones(6)))[0].backward()
     assert policy.label_embedding.weight.grad[LABEL_GOOD].abs().sum() > 0
+
+
+def _flow_losses(policy: RiptPolicy, batch: dict, seed: int) -> torch.Tensor:
+    """Per-sample good-conditioned flow losses (B,) on the draw `forward` makes after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    actions = batch[ACTION]
+    noise = sample_noise(actions.shape, "cpu")
+    t = policy._sample_time(actions.shape[0], torch.device("cpu"))
+    x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
+    v = policy._velocity(
+        policy.backbone.encode_observation(batch), x_t, t, torch.full((actions.shape[0],), LABEL_GOOD)
+    )
+    return ((v - (noise - actions)) ** 2).mean(dim=(1, 2))
+
+
+def test_repel_loss_is_the_successes_flow_loss_plus_the_clipped_ratio_of_the_failures() -> None:
+    weight, clip = 0.7, 0.2
+    policy = state_policy(objective="repel", repel_weight=weight, repel_clip=clip, cfg_dropout_prob=0.0)
+    adv = torch.tensor([1.0, -0.5, 0.25, -1.0, 1.0, -0.25])
+    batch = state_batch(advantages=adv)
+    neg = adv < 0
+    with pytest.raises(RuntimeError, match=r"no reference policy.*set_reference\(\)"):
+        policy.forward(batch)
+    policy.set_reference()
+    assert not any(k.startswith("_reference") for k in policy.state_dict())  # never saved or trained
+
+    # Right after set_reference the ratio is exactly 1: per-sample = flow * B/n_pos, or w |A| * B/n_neg.
+    flow = _flow_losses(policy, batch, seed=5).detach()
+    torch.manual_seed(5)
+    per_sample, metrics = policy.forward(batch, reduction="none")
+    torch.testing.assert_close(per_sample[~neg], flow[~neg] * 6 / 3)
+    # (the reference sees only the failure rows: a smaller matmul, so equal up to float rounding)
+    torch.testing.assert_close(per_sample[neg], weight * adv[neg].abs() * 6 / 3, rtol=1e-3, atol=1e-5)
+    assert metrics["repel_ratio"] == pytest.approx(1.0, rel=1e-3) and metrics["repel_clipped"] == 0.0
+    torch.manual_seed(5)
+    loss, _ = policy.forward(batch)
+    torch.testing.assert_close(loss, flow[~neg].mean() + weight * adv[neg].abs().mean(), rtol=1e-3, atol=1e-5)
+
+    # After the weights move, r = exp(L_ref - L) on the failure rows, against the frozen reference.
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    moved = _flow_losses(policy, batch, seed=5).detach()
+    torch.manual_seed(5)
+    per_sample, _ = policy.forward(batch, reduction="none")
+    ratio = torch.exp(flow[neg] - moved[neg])
+    expected = weight * adv[neg].abs() * torch.maximum(ratio, torch.full_like(ratio, 1 - clip)) * 2
+    torch.testing.assert_close(per_sample[neg], expected, rtol=1e-3, atol=1e-5)
+    # set_reference again (in place) makes the moved weights the reference: ratio 1 again
+    policy.set_reference()
+    torch.manual_seed(5)
+    torch.testing.assert_close(
+        policy.forward(batch, reduction="none")[0][neg], weight * adv[neg].abs() * 2, rtol=1e-3, atol=1e-5
+    )
+
+
+def test_repel_pushes_failures_away_and_stops_at_the_trust_region() -> None:
+    policy = state_policy(objective="repel", cfg_dropout_prob=0.0)
+    batch = state_batch(advantages=-torch.ones(6))
+    policy.set_reference()
+    before = _flow_losses(policy, batch, seed=9).detach()
+    opt = torch.optim.SGD(policy.parameters(), lr=1e-3)
+    torch.manual_seed(9)
+    policy.forward(batch)[0].backward()
+    assert policy.label_embedding.weight.grad[LABEL_GOOD].abs().sum() > 0  # the good branch is pushed
+    assert policy.label_embedding.weight.grad[LABEL_BAD].abs().sum() == 0  # the bad label is not trained
+    opt.step()
+    after = _flow_losses(policy, batch, seed=9).detach()
+    assert after.mean() > before.mean()  # the failures' actions became less likely under the good label
+
+    # Far outside the trust region (every failure's flow loss far above the reference's): no gradient at all.
+    with torch.no_grad():
+        for p in policy.backbone.parameters():
+            p.mul_(10.0)
+    policy.zero_grad()
+    torch.manual_seed(9)
+    loss, metrics = policy.forward(batch)
+    loss.backward()
+    assert metrics["repel_clipped"] == 1.0
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in policy.parameters())
+
+
+def test_repel_without_failures_is_the_cfg_flow_loss_and_needs_no_reference() -> None:
+    adv = torch.tensor([1.0, 0.5, 1.0, 0.25, 1.0, 1.0])
+    repel = state_policy(objective="repel", cfg_dropout_prob=0.0)
+    cfg = state_policy(objective="cfg", cfg_dropout_prob=0.0)
+    torch.manual_seed(3)
+    a = repel.forward(state_batch(advantages=adv))[0]
+    torch.manual_seed(3)
+    b = cfg.forward(state_batch(advantages=adv))[0]
+    torch.testing.assert_close(a, b)
 
 
 def test_no_advantages_key_means_every_frame_is_good() -> None:
@@ -647,7 +740,7 @@ def test_label_conditioning_changes_the_sampled_actions() -> None:
 # ------------------------------------------------------------------------------------------- validation
 def test_unknown_objective_lists_valid_ones_and_suggests() -> None:
     with pytest.raises(
-        ValueError, match=r"objective='cfgr' is not one of \['cfg', 'cfgrl', 'weighted'\]"
+        ValueError, match=r"objective='cfgr' is not one of \['cfg', 'cfgrl', 'weighted', 'repel'\]"
     ) as e:
         tiny_config(objective="cfgr")
     assert "Did you mean 'cfg" in str(e.value)

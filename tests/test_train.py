@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hub_server import LocalHubServer
@@ -165,7 +166,7 @@ def files_containing(root: Path, needle: str) -> list[str]:
         (["--data.good_share=-0.1"], ["data.good_share=-0.1", "must be >= 0", "--data.good_share=<value>"]),
         (
             ["--policy.objective=cfgg"],
-            ["policy.objective='cfgg'", "['cfg', 'cfgrl', 'weighted']", "Did you mean 'cfg'?"],
+            ["policy.objective='cfgg'", "['cfg', 'cfgrl', 'weighted', 'repel']", "Did you mean 'cfg'?"],
         ),
         (
             ["--advantage.normalization=stdd"],
@@ -188,6 +189,10 @@ def files_containing(root: Path, needle: str) -> list[str]:
                 "--policy.guidance_negative=null",
             ],
         ),
+        (
+            ["--policy.objective=repel", "--data.bad_share=0"],
+            ["objective='repel'", "data.bad_share=0", "--data.bad_share=", "--policy.objective=cfg"],
+        ),
     ],
     ids=[
         "unknown-cli-key",
@@ -202,6 +207,7 @@ def files_containing(root: Path, needle: str) -> list[str]:
         "state-sampling",
         "curriculum-discount",
         "bad-guidance-without-bad-frames",
+        "repel-without-bad-frames",
     ],
 )
 def test_invalid_config_fails_fast_with_value_rule_and_fix(args, expected):
@@ -399,6 +405,29 @@ def test_wandb_offline_run_without_wandb_mode_env(debug_run):
     (run_file,) = runs[0].glob("run-*.wandb")
     data = run_file.read_bytes()
     assert b"train/loss" in data and b"eval/success_rate" in data  # the metrics reached the tracker
+
+
+def test_repel_objective_trains_through_the_loop_with_a_reference_per_iteration(tmp_path):
+    """objective=repel in a real run: every rollout fails (success estimator, no dynamic sampling), so every
+    rollout frame is a failure that repels, against the reference the loop sets before each round of updates."""
+    out = tmp_path / "out"
+    cmd = train_cmd(
+        out,
+        "--num_train_steps=2",
+        "--eval.eval_interval=0",
+        "--policy.objective=repel",
+        "--data.good_share=0.5",
+        "--data.bad_share=0.5",
+        "--advantage.estimator=success",
+    )
+    run_ok(cmd, subprocess_env(tmp_path), tmp_path / "train.log")
+    iters = [r for r in read_metrics(out) if "train/loss" in r]
+    assert [r["step"] for r in iters] == [1, 2]
+    for row in iters:
+        assert row["train/share_bad"] > 0  # failure frames were in the batch
+        # one optimizer step per iteration, right after set_reference: the ratio is 1 up to float rounding
+        assert row["train/repel_ratio"] == pytest.approx(1.0, rel=1e-3)
+        assert row["train/repel_clipped"] == 0.0 and np.isfinite(row["train/loss_pos"])
 
 
 def test_push_to_local_hub_holds_policy_and_model_card(debug_run, tmp_path, monkeypatch):

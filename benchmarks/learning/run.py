@@ -77,6 +77,17 @@ ARMS: dict[str, tuple[str, list[str]]] = {
         "diagnostic: RIPT with the cfgrl objective (failure frames train only the null branch, weight cfg_alpha)",
         ["--policy.objective=cfgrl", "--data.good_share=0.5", "--data.bad_share=0.5"],
     ),
+    "ript_repel": (
+        "diagnostic: RIPT whose failure frames push the good-conditioned velocity away from their actions, "
+        "|A|-weighted, inside a PPO-style trust region against the iteration's collecting policy "
+        "(policy.objective=repel), added on top of a filtered-sized batch (192 good, 128 bad, 64 demo frames)",
+        [
+            "--policy.objective=repel",
+            "--data.batch_size=384",
+            "--data.good_share=0.6",
+            "--data.bad_share=0.4",
+        ],
+    ),
     "weighted": (
         "advantage-weighted flow matching (standard normalisation, softplus negatives)",
         [

@@ -10,7 +10,7 @@ from lerobot.optim import AdamWConfig
 from lerobot.optim.schedulers import CosineDecayWithWarmupSchedulerConfig
 from lerobot.utils.constants import ACTION
 
-OBJECTIVES = ("cfg", "cfgrl", "weighted")
+OBJECTIVES = ("cfg", "cfgrl", "weighted", "repel")
 GUIDANCE_NEGATIVES = ("null", "bad")
 BACKBONES = ("small",)
 # Planned behind the same seam (lerobot_ript/policy/backbones/base.py); not available in this release.
@@ -78,12 +78,23 @@ class RiptConfig(PreTrainedConfig):
 
     # Training objective: "cfg" (label-conditioned flow matching with label dropout), "cfgrl" (one
     # shared noise/time draw, loss = 1[A>0] L(good) + cfg_alpha L(null)) or "weighted" (per-sample flow
-    # loss times a non-negative weight from `advantage_weights` or `advantages`).
+    # loss times a non-negative weight from `advantage_weights` or `advantages`) or "repel" ("cfg" on the frames
+    # with a non-negative advantage; each frame with a negative one pushes the good-conditioned velocity away
+    # from its action with weight repel_weight * |A|, inside a trust region against the policy as it was when
+    # the training loop last called `RiptPolicy.set_reference()`: the negative half of PPO's clipped ratio, with
+    # the flow-matching loss difference standing in for the log-likelihood ratio as in Flow Policy
+    # Optimization, McAllister et al. 2025). The two halves are averaged separately, so the failure frames
+    # added to a batch do not dilute the successes' step.
     objective: str = "cfg"
     # Probability (0..1) that a label is replaced by the null label during "cfg" training.
     cfg_dropout_prob: float = 0.1
     # Training weight (>= 0) of the unconditional (null) branch in the "cfgrl" objective; not the guidance scale.
     cfg_alpha: float = 0.1
+    # "repel" only: weight (>= 0) of the failure frames' push-away term against the successes' flow loss.
+    repel_weight: float = 1.0
+    # "repel" only: trust region epsilon in (0, 1); a failure frame stops pushing once its flow loss has risen
+    # by -log(1 - repel_clip) over the reference's (ratio r = exp(L_ref - L) below 1 - repel_clip).
+    repel_clip: float = 0.2
     # Classifier-free guidance scale w (>= 0) used by select_action / lerobot-eval. 1 = plain conditional.
     guidance_scale: float = 1.0
     # The label guidance moves away from: "null" (classifier-free guidance, v_null + w (v_good - v_null)) or
@@ -166,6 +177,12 @@ class RiptConfig(PreTrainedConfig):
             raise ValueError(f"cfg_dropout_prob={self.cfg_dropout_prob} must be a probability in [0, 1].")
         if self.cfg_alpha < 0:
             raise ValueError(f"cfg_alpha={self.cfg_alpha} must be >= 0.")
+        if self.repel_weight < 0:
+            raise ValueError(
+                f"repel_weight={self.repel_weight} must be >= 0 (0 = failure frames are ignored)."
+            )
+        if not 0.0 < self.repel_clip < 1.0:
+            raise ValueError(f"repel_clip={self.repel_clip} must be in (0, 1), e.g. PPO's 0.2.")
         for name in ("hidden_dim", "cond_dim", "image_channels"):
             if getattr(self, name) < 8:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 8.")

@@ -9,6 +9,7 @@ Euler grid's time conditioning) computed once before the Euler loop (`RiptBackbo
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import deque
 from collections.abc import Callable
@@ -139,6 +140,14 @@ class RiptPolicy(PreTrainedPolicy):
             ).chunk(2)
             per_sample = (labels == LABEL_GOOD).float() * loss_good + self.config.cfg_alpha * loss_null
             metrics["loss_null"] = float(loss_null.detach().mean())
+        elif objective == "repel":
+            neg = labels == LABEL_BAD
+            labels = torch.where(neg, torch.full_like(labels, LABEL_GOOD), labels)
+            if self.training and self.config.cfg_dropout_prob > 0:
+                drop = (torch.rand(b, device=device) < self.config.cfg_dropout_prob) & ~neg
+                labels = torch.where(drop, torch.full_like(labels, LABEL_NULL), labels)
+            flow = self._masked_mse(self._velocity(context, x_t, t, labels), target, valid)
+            per_sample = self._repel(batch, flow, neg, (x_t, t, labels, target, valid), metrics)
         else:
             if objective == "weighted":
                 weights = sample_weights(batch, b, device)
@@ -155,6 +164,59 @@ class RiptPolicy(PreTrainedPolicy):
         loss = per_sample.mean()
         metrics["loss"] = float(loss.detach())
         return loss, metrics
+
+    def set_reference(self) -> None:
+        """Freeze a copy of the current weights as the "repel" objective's trust-region reference.
+
+        The training loop calls it before each iteration's updates. The copy is not a submodule: it is
+        neither saved, nor trained, nor seen by DDP / FSDP wrappers."""
+        ref = self.__dict__.get("_reference")
+        device = next(self.parameters()).device
+        if ref is None or next(ref.parameters()).device != device:
+            self.__dict__["_reference"] = None
+            ref = copy.deepcopy(self)
+            ref.requires_grad_(False)
+            ref.eval()
+            self.__dict__["_reference"] = ref
+        else:
+            ref.load_state_dict(self.state_dict())
+
+    def _repel(self, batch: dict, flow: Tensor, neg: Tensor, draw: tuple, metrics: dict) -> Tensor:
+        """Per-sample loss (B,) of the "repel" objective from the flow losses (B,) of this draw; its mean is the
+        successes' mean flow loss plus repel_weight times the failures' mean clipped-ratio term."""
+        b = flow.shape[0]
+        pos, n_neg = ~neg, int(neg.sum())
+        n_pos = b - n_neg
+        out = torch.where(pos, flow * (b / max(n_pos, 1)), torch.zeros_like(flow))
+        metrics["loss_pos"] = float(flow[pos].detach().mean()) if n_pos else float("nan")
+        metrics["repel_ratio"] = metrics["repel_clipped"] = float("nan")  # same keys with or without failures
+        if n_neg == 0 or self.config.repel_weight == 0:
+            return out
+        ref = self.__dict__.get("_reference")
+        if ref is None:
+            raise RuntimeError(
+                "objective='repel' got failure frames (negative advantages) but has no reference policy: call "
+                "policy.set_reference() before each round of updates (lerobot_ript.train does)."
+            )
+        x_t, t, labels, target, valid = draw
+        idx = neg.nonzero(as_tuple=True)[0]
+        with torch.no_grad():
+            ref_ctx = ref.backbone.encode_observation(ref._images_to_float(_select_rows(batch, idx, b)))
+            ref_flow = ref._masked_mse(
+                ref._velocity(ref_ctx, x_t[idx], t[idx], labels[idx]), target[idx], valid[idx]
+            )
+        adv = torch.as_tensor(batch[ADVANTAGES_KEY], device=flow.device).reshape(b, -1)[idx, 0].float().abs()
+        # r = exp(L_ref - L): the flow loss stands in for -log pi. PPO's clipped term for A < 0 is
+        # |A| max(r, 1 - clip): no gradient once r < 1 - clip. The cap on log r only guards exp against overflow.
+        ratio = torch.exp((ref_flow.float() - flow[idx].float()).clamp(max=20.0))
+        term = (
+            self.config.repel_weight
+            * adv
+            * torch.maximum(ratio, torch.full_like(ratio, 1 - self.config.repel_clip))
+        )
+        metrics["repel_ratio"] = float(ratio.detach().mean())
+        metrics["repel_clipped"] = float((ratio.detach() < 1 - self.config.repel_clip).float().mean())
+        return out.index_put((idx,), term.to(out.dtype) * (b / n_neg))
 
     @torch.no_grad()
     def predict_action_chunk(
@@ -287,6 +349,19 @@ def _grid_step(step_of: dict[float, int], t: Tensor) -> int:
 def _guide(v_good: Tensor, v_neg: Tensor, w: float) -> Tensor:
     """Guidance: v_neg + w (v_good - v_neg), v_neg the null (classifier-free guidance) or the bad branch."""
     return v_neg + w * (v_good - v_neg)
+
+
+def _select_rows(batch: dict, idx: Tensor, b: int) -> dict:
+    """The rows `idx` of every per-sample entry of the batch (tensors and lists of length b); others as they are."""
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == b:
+            out[k] = v[idx]
+        elif isinstance(v, list) and len(v) == b:
+            out[k] = [v[i] for i in idx.tolist()]
+        else:
+            out[k] = v
+    return out
 
 
 def _tensors(batch: dict) -> list[tuple[str, Tensor]]:

@@ -302,6 +302,13 @@ class RiptTrainConfig:
                 "data.bad_share=0 and data.failed_demos!='bad' train no frame with the bad label. Set "
                 "--data.bad_share=<value > 0> (or --data.failed_demos=bad), or --policy.guidance_negative=null."
             )
+        if self.policy.objective == "repel" and d.bad_share == 0 and d.failed_demos != "bad":
+            raise ValueError(
+                "policy.objective='repel' pushes the policy away from failure frames, but data.bad_share=0 and "
+                "data.failed_demos!='bad' put none in a batch, so it would train exactly like 'cfg'. Set "
+                "--data.bad_share=<value > 0> (e.g. --data.batch_size=384 --data.good_share=0.6 "
+                "--data.bad_share=0.4 keeps the default's 192 success frames), or --policy.objective=cfg."
+            )
         _check_choice("optim.mixed_precision", o.mixed_precision, ("no", "bf16", "fp16"))
         _check_choice("log.wandb_mode", self.log.wandb_mode, ("offline", "online", "disabled"))
         _check_choice("advantage.estimator", self.advantage.estimator, ESTIMATORS)

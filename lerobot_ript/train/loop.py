@@ -340,7 +340,13 @@ def updates(
         )
         bar.update(1)
     bar.close()
-    return {f"train/{k}": float(np.mean([m[k] for m in logs])) for k in logs[-1]}
+    return {f"train/{k}": _finite_mean([m[k] for m in logs]) for k in logs[-1]}
+
+
+def _finite_mean(values: list[float]) -> float:
+    """Mean of the finite values (a metric a step could not measure is NaN there); NaN if there are none."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 def run_eval(run: Run, iteration: int) -> dict[str, float]:
@@ -490,6 +496,8 @@ def train(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
             t1 = time.perf_counter()
             gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank * 104_729 + it)
             n_updates = update_steps(run, result)
+            if run.model.config.objective == "repel":
+                run.model.set_reference()  # the trust region's policy: the one that collected these rollouts
             train_metrics = {
                 **updates(run, training_batches(run, rollouts, gen), n_updates),
                 "train/update_steps": float(n_updates),
