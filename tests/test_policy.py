@@ -412,7 +412,7 @@ def test_repel_loss_is_the_successes_flow_loss_plus_the_clipped_ratio_of_the_fai
     torch.manual_seed(5)
     per_sample, _ = policy.forward(batch, reduction="none")
     ratio = torch.exp(flow[neg] - moved[neg])
-    expected = weight * adv[neg].abs() * torch.maximum(ratio, torch.full_like(ratio, 1 - clip)) * 2
+    expected = weight * adv[neg].abs() * ratio.clamp(min=1 - clip, max=policy.config.repel_ratio_cap) * 2
     torch.testing.assert_close(per_sample[neg], expected, rtol=1e-3, atol=1e-5)
     # set_reference again (in place) makes the moved weights the reference: ratio 1 again
     policy.set_reference()
@@ -445,6 +445,20 @@ def test_repel_pushes_failures_away_and_stops_at_the_trust_region() -> None:
     loss, metrics = policy.forward(batch)
     loss.backward()
     assert metrics["repel_clipped"] == 1.0
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in policy.parameters())
+
+    # The other side (dual clip): a reference far worse than the policy puts every ratio above
+    # repel_ratio_cap, where the term is constant and gives no gradient either.
+    policy.set_reference()
+    with torch.no_grad():
+        for p in policy.backbone.parameters():
+            p.div_(10.0)
+    policy.zero_grad()
+    torch.manual_seed(9)
+    loss, metrics = policy.forward(batch)
+    loss.backward()
+    assert metrics["repel_capped"] == 1.0 and metrics["repel_clipped"] == 0.0
+    torch.testing.assert_close(loss, torch.tensor(policy.config.repel_ratio_cap))  # |A| = 1, weight 1
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in policy.parameters())
 
 

@@ -95,6 +95,9 @@ class RiptConfig(PreTrainedConfig):
     # "repel" only: trust region epsilon in (0, 1); a failure frame stops pushing once its flow loss has risen
     # by -log(1 - repel_clip) over the reference's (ratio r = exp(L_ref - L) below 1 - repel_clip).
     repel_clip: float = 0.2
+    # "repel" only: cap (> 1) on a failure frame's ratio, as in dual-clip PPO: no gradient once r exceeds it
+    # (without it, one noisy draw with r in the thousands dominated the step).
+    repel_ratio_cap: float = 3.0
     # Classifier-free guidance scale w (>= 0) used by select_action / lerobot-eval. 1 = plain conditional.
     guidance_scale: float = 1.0
     # The label guidance moves away from: "null" (classifier-free guidance, v_null + w (v_good - v_null)) or
@@ -183,6 +186,8 @@ class RiptConfig(PreTrainedConfig):
             )
         if not 0.0 < self.repel_clip < 1.0:
             raise ValueError(f"repel_clip={self.repel_clip} must be in (0, 1), e.g. PPO's 0.2.")
+        if not self.repel_ratio_cap > 1.0:
+            raise ValueError(f"repel_ratio_cap={self.repel_ratio_cap} must be > 1, e.g. dual-clip PPO's 3.")
         for name in ("hidden_dim", "cond_dim", "image_channels"):
             if getattr(self, name) < 8:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 8.")

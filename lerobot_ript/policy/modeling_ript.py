@@ -189,7 +189,8 @@ class RiptPolicy(PreTrainedPolicy):
         n_pos = b - n_neg
         out = torch.where(pos, flow * (b / max(n_pos, 1)), torch.zeros_like(flow))
         metrics["loss_pos"] = float(flow[pos].detach().mean()) if n_pos else float("nan")
-        metrics["repel_ratio"] = metrics["repel_clipped"] = float("nan")  # same keys with or without failures
+        for key in ("repel_ratio", "repel_clipped", "repel_capped"):  # the same keys with or without failures
+            metrics[key] = float("nan")
         if n_neg == 0 or self.config.repel_weight == 0:
             return out
         ref = self.__dict__.get("_reference")
@@ -206,16 +207,17 @@ class RiptPolicy(PreTrainedPolicy):
                 ref._velocity(ref_ctx, x_t[idx], t[idx], labels[idx]), target[idx], valid[idx]
             )
         adv = torch.as_tensor(batch[ADVANTAGES_KEY], device=flow.device).reshape(b, -1)[idx, 0].float().abs()
-        # r = exp(L_ref - L): the flow loss stands in for -log pi. PPO's clipped term for A < 0 is
-        # |A| max(r, 1 - clip): no gradient once r < 1 - clip. The cap on log r only guards exp against overflow.
+        # r = exp(L_ref - L): the flow loss stands in for -log pi. PPO's clipped term for A < 0 is |A| max(r, 1 - clip)
+        # (no gradient once r < 1 - clip), capped at |A| repel_ratio_cap as in dual-clip PPO (no gradient once
+        # r > cap either: one noise draw's flow loss can sit far below the reference's, and exp of that
+        # difference is unbounded). The cap on log r only guards exp against overflow.
         ratio = torch.exp((ref_flow.float() - flow[idx].float()).clamp(max=20.0))
-        term = (
-            self.config.repel_weight
-            * adv
-            * torch.maximum(ratio, torch.full_like(ratio, 1 - self.config.repel_clip))
-        )
-        metrics["repel_ratio"] = float(ratio.detach().mean())
-        metrics["repel_clipped"] = float((ratio.detach() < 1 - self.config.repel_clip).float().mean())
+        c = self.config
+        term = c.repel_weight * adv * ratio.clamp(min=1 - c.repel_clip, max=c.repel_ratio_cap)
+        r = ratio.detach()
+        metrics["repel_ratio"] = float(r.median())
+        metrics["repel_clipped"] = float((r < 1 - c.repel_clip).float().mean())
+        metrics["repel_capped"] = float((r > c.repel_ratio_cap).float().mean())
         return out.index_put((idx,), term.to(out.dtype) * (b / n_neg))
 
     @torch.no_grad()
