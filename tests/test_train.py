@@ -529,13 +529,14 @@ def reference_run(tmp_path_factory):
     return Run(out, log)
 
 
-@pytest.mark.slow  # a reference run, a killed run and its resumption: about 2 minutes
-def test_resume_after_sigkill_equals_uninterrupted_run(reference_run, tmp_path):
+def _sigkill_at_checkpoint_2_and_resume(tmp_path: Path, args: tuple[str, ...], reference: Path) -> None:
+    """Run B with `args` is SIGKILLed once checkpoint 2 is complete, then resumed; its checkpoint 3 and step-3
+    metrics must equal those of the uninterrupted `reference` run with the same args."""
     out, env = tmp_path / "out", subprocess_env(tmp_path)
     last = out / "checkpoints" / "last"
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen(
-            train_cmd(out, *RESUME_ARGS), env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT
+            train_cmd(out, *args), env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT
         )
         deadline = time.monotonic() + RUN_TIMEOUT_S
         # `last` moves to 000002 only after checkpoint 2 is complete (renamed into place)
@@ -547,22 +548,47 @@ def test_resume_after_sigkill_equals_uninterrupted_run(reference_run, tmp_path):
         assert proc.wait(timeout=30) == -signal.SIGKILL
     assert not (out / "checkpoints" / "000003").exists(), "killed too late: iteration 3 was already saved"
 
-    resumed = run_ok(train_cmd(out, *RESUME_ARGS, "--resume=true"), env, tmp_path / "resumed.log")
+    resumed = run_ok(train_cmd(out, *args, "--resume=true"), env, tmp_path / "resumed.log")
     assert re.search(r"Resumed from \S+000002 at iteration 2", resumed)
     # Bit-equal on a CPU (tolerance 0): every RNG is reseeded from (seed, rank, iteration) and the optimizer,
     # scheduler, replay buffer, skip tracker and counters come back from the checkpoint.
     assert_same_tensors(
         load_file(ckpt(out, "000003") / "model.safetensors"),
-        load_file(ckpt(reference_run.out, "000003") / "model.safetensors"),
+        load_file(ckpt(reference, "000003") / "model.safetensors"),
     )
     assert_same_tensors(
         torch.load(out / "checkpoints/000003/training_state/optimizer.bin")["state"][0],
-        torch.load(reference_run.out / "checkpoints/000003/training_state/optimizer.bin")["state"][0],
+        torch.load(reference / "checkpoints/000003/training_state/optimizer.bin")["state"][0],
     )
     step3 = [r for r in read_metrics(out) if r["step"] == 3 and "train/loss" in r]
-    ref3 = [r for r in read_metrics(reference_run.out) if r["step"] == 3 and "train/loss" in r]
+    ref3 = [r for r in read_metrics(reference) if r["step"] == 3 and "train/loss" in r]
     assert step3[-1]["train/loss"] == ref3[0]["train/loss"]
     assert step3[-1]["rollout/success_rate"] == ref3[0]["rollout/success_rate"]
+
+
+@pytest.mark.slow  # a reference run, a killed run and its resumption: about 2 minutes
+def test_resume_after_sigkill_equals_uninterrupted_run(reference_run, tmp_path):
+    _sigkill_at_checkpoint_2_and_resume(tmp_path, RESUME_ARGS, reference_run.out)
+
+
+@pytest.mark.slow  # as above, with its own reference run: about 2 minutes
+def test_resume_is_exact_with_the_curriculum_and_the_repel_objective(tmp_path):
+    """The curriculum's success history comes back from the run state, and repel's reference is rebuilt from
+    the resumed weights at the start of iteration 3, as it was from the same weights in the uninterrupted run."""
+    args = (
+        *RESUME_ARGS,
+        "--rollout.state_sampling=signal",
+        "--policy.objective=repel",
+        "--data.good_share=0.5",
+        "--data.bad_share=0.5",
+    )
+    reference, resumed = tmp_path / "reference", tmp_path / "b"
+    reference.mkdir()
+    resumed.mkdir()
+    run_ok(train_cmd(reference / "out", *args), subprocess_env(reference), tmp_path / "reference.log")
+    rows = [r for r in read_metrics(reference / "out") if "train/loss" in r]
+    assert all(np.isfinite(r["train/repel_ratio"]) for r in rows)  # failure frames repelled every iteration
+    _sigkill_at_checkpoint_2_and_resume(resumed, args, reference / "out")
 
 
 @pytest.mark.slow  # a crashed run and its resumption, plus the reference run: about 2 minutes

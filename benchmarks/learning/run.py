@@ -73,6 +73,11 @@ ARMS: dict[str, tuple[str, list[str]]] = {
         "(rollout.state_sampling=signal)",
         ["--rollout.state_sampling=signal"],
     ),
+    "ript_curriculum_adv": (
+        "diagnostic: the curriculum and RLOO-weighted draws of successes together (ript_curriculum + "
+        "ript_good_adv)",
+        ["--rollout.state_sampling=signal", "--data.episode_weighting=advantage"],
+    ),
     "ript_cfgrl": (
         "diagnostic: RIPT with the cfgrl objective (failure frames train only the null branch, weight cfg_alpha)",
         ["--policy.objective=cfgrl", "--data.good_share=0.5", "--data.bad_share=0.5"],
