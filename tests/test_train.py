@@ -862,7 +862,7 @@ def test_fail_skip_threshold_reaches_the_collector_and_its_history_is_restored(f
 
 def test_state_sampling_signal_builds_a_curriculum_restored_from_the_run_state(fresh_accelerate_state):
     """rollout.state_sampling=signal gives the seed sampler a StateCurriculum (discount from the config), restored
-    from the run state on resume; "uniform" (the default) gives none (the rule is tested in test_sampling.py)."""
+    from the run state on resume; "uniform" gives none (the rule is tested in test_sampling.py)."""
     from types import SimpleNamespace
 
     from accelerate import Accelerator
@@ -894,4 +894,6 @@ def test_state_sampling_signal_builds_a_curriculum_restored_from_the_run_state(f
         assert collector.seed_sampler.curriculum is None
     finally:
         collector.close()
-    assert RiptTrainConfig().rollout.state_sampling == "uniform"  # off unless asked for
+    # the defaults since the eighth learning measurement: the curriculum and RLOO-weighted draws of successes
+    assert RiptTrainConfig().rollout.state_sampling == "signal"
+    assert RiptTrainConfig().data.episode_weighting == "advantage"

@@ -28,69 +28,75 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BASE = HERE / "base.yaml"
 
+# Where rollouts are spent and how successes are drawn, as in every run before the eighth measurement (the library
+# defaults were uniform / uniform then). Baselines and diagnostics measured that way keep these settings.
+UNIFORM = ["--rollout.state_sampling=uniform", "--data.episode_weighting=uniform"]
+
 ARMS: dict[str, tuple[str, list[str]]] = {
     "ript": (
         "RIPT (defaults: RLOO, dynamic sampling, all-success groups kept as good, successes and demos trained, "
-        "cfg objective, label dropout)",
+        "cfg objective, label dropout, the curriculum over initial states, successes drawn by |RLOO advantage|)",
         [],
     ),
-    "bc": ("continued behaviour cloning on the demos", ["--data.demo_batch_size=256"]),
+    "bc": ("continued behaviour cloning on the demos", ["--data.demo_batch_size=256", *UNIFORM]),
     "filtered": (
-        "success-filtered fine-tuning on own successful rollouts",
-        ["--advantage.estimator=success", "--data.bad_share=0", "--rollout.enable_dynamic_sampling=false"],
+        "success-filtered fine-tuning on own successful rollouts (initial states drawn uniformly)",
+        [
+            "--advantage.estimator=success",
+            "--data.bad_share=0",
+            "--rollout.enable_dynamic_sampling=false",
+            *UNIFORM,
+        ],
     ),
     "no_dynamic": ("RIPT without dynamic sampling", ["--rollout.enable_dynamic_sampling=false"]),
     "no_guidance": (
         "RIPT without guidance (w = 1, no label dropout)",
         ["--policy.cfg_dropout_prob=0", "--rollout.guidance_scale=1", "--eval.guidance_scale=1"],
     ),
-    "ript_u100": (
-        "diagnostic: RIPT with 100 update steps per iteration (instead of 30)",
-        ["--optim.update_steps_per_iteration=100"],
+    "ript_uniform": (
+        "diagnostic: RIPT with initial states drawn uniformly and successes drawn uniformly (the defaults up to "
+        "the seventh measurement)",
+        UNIFORM,
     ),
-    "ript_good_only": (
-        "diagnostic: RIPT training on successes only (the defaults since the seventh measurement; before, "
-        "failure frames took half of the rollout share)",
-        ["--data.good_share=1", "--data.bad_share=0"],
+    "ript_u100": (
+        "diagnostic: RIPT with 100 update steps per iteration (instead of 30), uniform draws",
+        ["--optim.update_steps_per_iteration=100", *UNIFORM],
     ),
     "ript_half_bad": (
         "diagnostic: RIPT with the failure frames trained under the bad label, half of the rollout share (the "
-        "defaults up to the sixth measurement)",
-        ["--data.good_share=0.5", "--data.bad_share=0.5"],
+        "defaults up to the sixth measurement), uniform draws",
+        ["--data.good_share=0.5", "--data.bad_share=0.5", *UNIFORM],
     ),
     "ript_bad_extra": (
         "diagnostic: RIPT with the failure frames added on top of a filtered-sized good share (batch 384: "
-        "192 good, 128 bad, 64 demo frames)",
-        ["--data.batch_size=384", "--data.good_share=0.6", "--data.bad_share=0.4"],
+        "192 good, 128 bad, 64 demo frames), uniform draws",
+        ["--data.batch_size=384", "--data.good_share=0.6", "--data.bad_share=0.4", *UNIFORM],
     ),
     "ript_good_adv": (
-        "diagnostic: RIPT on successes only, each success drawn in proportion to its RLOO advantage (a group's "
-        "only success 7 times as often as one of 7)",
-        ["--data.good_share=1", "--data.bad_share=0", "--data.episode_weighting=advantage"],
+        "diagnostic: RIPT with initial states drawn uniformly, each success drawn in proportion to its RLOO "
+        "advantage (a group's only success 7 times as often as one of 7)",
+        ["--rollout.state_sampling=uniform", "--data.episode_weighting=advantage"],
     ),
     "ript_curriculum": (
-        "diagnostic: RIPT drawing initial states in proportion to the probability that their group has signal "
-        "(rollout.state_sampling=signal)",
-        ["--rollout.state_sampling=signal"],
-    ),
-    "ript_curriculum_adv": (
-        "diagnostic: the curriculum and RLOO-weighted draws of successes together (ript_curriculum + "
-        "ript_good_adv)",
-        ["--rollout.state_sampling=signal", "--data.episode_weighting=advantage"],
+        "diagnostic: RIPT with the curriculum over initial states, successes drawn uniformly",
+        ["--rollout.state_sampling=signal", "--data.episode_weighting=uniform"],
     ),
     "ript_cfgrl": (
-        "diagnostic: RIPT with the cfgrl objective (failure frames train only the null branch, weight cfg_alpha)",
-        ["--policy.objective=cfgrl", "--data.good_share=0.5", "--data.bad_share=0.5"],
+        "diagnostic: RIPT with the cfgrl objective (failure frames train only the null branch, weight "
+        "cfg_alpha), uniform draws",
+        ["--policy.objective=cfgrl", "--data.good_share=0.5", "--data.bad_share=0.5", *UNIFORM],
     ),
     "ript_repel": (
         "diagnostic: RIPT whose failure frames push the good-conditioned velocity away from their actions, "
         "|A|-weighted, inside a PPO-style trust region against the iteration's collecting policy "
-        "(policy.objective=repel), added on top of a filtered-sized batch (192 good, 128 bad, 64 demo frames)",
+        "(policy.objective=repel), added on top of a filtered-sized batch (192 good, 128 bad, 64 demo frames), "
+        "uniform draws",
         [
             "--policy.objective=repel",
             "--data.batch_size=384",
             "--data.good_share=0.6",
             "--data.bad_share=0.4",
+            *UNIFORM,
         ],
     ),
     "weighted": (
@@ -102,7 +108,7 @@ ARMS: dict[str, tuple[str, list[str]]] = {
             # its own batch: successes and failures half and half, drawn uniformly (the loss does the weighting)
             "--data.good_share=0.5",
             "--data.bad_share=0.5",
-            "--data.episode_weighting=uniform",
+            *UNIFORM,
         ],
     ),
 }
