@@ -422,6 +422,18 @@ def test_repel_loss_is_the_successes_flow_loss_plus_the_clipped_ratio_of_the_fai
     )
 
 
+def _scaled_backbone_step(policy: RiptPolicy, batch: dict, factor: float) -> tuple[torch.Tensor, dict]:
+    """Scale every backbone weight by `factor` (the reference stays), then loss and gradients on draw seed 9."""
+    with torch.no_grad():
+        for p in policy.backbone.parameters():
+            p.mul_(factor)
+    policy.zero_grad()
+    torch.manual_seed(9)
+    loss, metrics = policy.forward(batch)
+    loss.backward()
+    return loss, metrics
+
+
 def test_repel_pushes_failures_away_and_stops_at_the_trust_region() -> None:
     policy = state_policy(objective="repel", cfg_dropout_prob=0.0)
     batch = state_batch(advantages=-torch.ones(6))
@@ -437,26 +449,14 @@ def test_repel_pushes_failures_away_and_stops_at_the_trust_region() -> None:
     assert after.mean() > before.mean()  # the failures' actions became less likely under the good label
 
     # Far outside the trust region (every failure's flow loss far above the reference's): no gradient at all.
-    with torch.no_grad():
-        for p in policy.backbone.parameters():
-            p.mul_(10.0)
-    policy.zero_grad()
-    torch.manual_seed(9)
-    loss, metrics = policy.forward(batch)
-    loss.backward()
+    loss, metrics = _scaled_backbone_step(policy, batch, 10.0)
     assert metrics["repel_clipped"] == 1.0
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in policy.parameters())
 
     # The other side (dual clip): a reference far worse than the policy puts every ratio above
     # repel_ratio_cap, where the term is constant and gives no gradient either.
     policy.set_reference()
-    with torch.no_grad():
-        for p in policy.backbone.parameters():
-            p.div_(10.0)
-    policy.zero_grad()
-    torch.manual_seed(9)
-    loss, metrics = policy.forward(batch)
-    loss.backward()
+    loss, metrics = _scaled_backbone_step(policy, batch, 0.1)
     assert metrics["repel_capped"] == 1.0 and metrics["repel_clipped"] == 0.0
     torch.testing.assert_close(loss, torch.tensor(policy.config.repel_ratio_cap))  # |A| = 1, weight 1
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in policy.parameters())
