@@ -359,7 +359,7 @@ def _plot(plt, results: list[dict], sft_hist: list[dict]):
     start = [(0, sft_hist[-1]["success_rate"])] if sft_hist else []
     top = max([y for _, y in start] + [p["success_rate"] for r in results for p in r["history"]] + [0.0])
     for i, name in enumerate(a for a in ARMS if any(r["arm"] == a for r in results)):
-        color = f"C{i}"
+        color = plt.get_cmap("tab20")(i % 20)  # 20 distinct colours: the default cycle repeats after 10 arms
         runs = [r for r in results if r["arm"] == name]
         # the k-th evaluation of every seed of an arm, averaged (seeds may reach it at slightly different episodes)
         points: dict[int, list[tuple[int, float]]] = {}
