@@ -61,7 +61,7 @@ def test_quick_smoke_two_arms(tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    sweep = json.loads((run_dir / "guidance.json").read_text())
+    sweep = json.loads((run_dir / "guidance_2ep.json").read_text())
     assert sweep["episodes"] == 2
     assert [(r["guidance_scale"], r["negative"]) for r in sweep["results"]] == [
         (1.0, "null"),

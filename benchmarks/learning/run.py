@@ -231,7 +231,7 @@ def _held_out(env_cfg, policy, pre, post, seeds: list[int], guidance_scale: floa
 def guidance(run_dir: Path, scales: list[float], negatives: list[str], episodes: int) -> Path:
     """Held-out success of a finished run's last checkpoint at several evaluation guidance scales and negative
     labels (`policy.guidance_negative`), on the same held-out initial states (the run's eval seeds) for every
-    setting; written to `run_dir/guidance.json`."""
+    setting; written to `run_dir/guidance_<episodes>ep.json`."""
     from lerobot_ript.rollout.evaluate import wilson_interval
 
     env_cfg, policy, pre, post, cfg = _load_run(run_dir)
@@ -255,7 +255,7 @@ def guidance(run_dir: Path, scales: list[float], negatives: list[str], episodes:
         sys.stdout.write(
             f"w={w} negative={neg}: {100 * wins / episodes:.1f}% ({100 * lo:.1f}-{100 * hi:.1f}), {episodes} ep\n"
         )
-    path = run_dir / "guidance.json"
+    path = run_dir / f"guidance_{episodes}ep.json"
     path.write_text(json.dumps({"episodes": episodes, "results": rows}, indent=1))
     return path
 

@@ -142,19 +142,17 @@ class RiptPolicy(PreTrainedPolicy):
             metrics["loss_null"] = float(loss_null.detach().mean())
         elif objective == "repel":
             neg = labels == LABEL_BAD
-            labels = torch.where(neg, torch.full_like(labels, LABEL_GOOD), labels)
-            if self.training and self.config.cfg_dropout_prob > 0:
-                drop = (torch.rand(b, device=device) < self.config.cfg_dropout_prob) & ~neg
-                labels = torch.where(drop, torch.full_like(labels, LABEL_NULL), labels)
+            labels = self._drop_labels(
+                torch.where(neg, torch.full_like(labels, LABEL_GOOD), labels), keep=neg
+            )
             flow = self._masked_mse(self._velocity(context, x_t, t, labels), target, valid)
             per_sample = self._repel(batch, flow, neg, (x_t, t, labels, target, valid), metrics)
         else:
             if objective == "weighted":
                 weights = sample_weights(batch, b, device)
                 labels = torch.full_like(labels, LABEL_GOOD)
-            elif self.training and self.config.cfg_dropout_prob > 0:
-                drop = torch.rand(b, device=device) < self.config.cfg_dropout_prob
-                labels = torch.where(drop, torch.full_like(labels, LABEL_NULL), labels)
+            else:
+                labels = self._drop_labels(labels)
             per_sample = self._masked_mse(self._velocity(context, x_t, t, labels), target, valid)
             if objective == "weighted":
                 per_sample = per_sample * weights
@@ -164,6 +162,16 @@ class RiptPolicy(PreTrainedPolicy):
         loss = per_sample.mean()
         metrics["loss"] = float(loss.detach())
         return loss, metrics
+
+    def _drop_labels(self, labels: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Condition dropout: in training, each label becomes null with probability `cfg_dropout_prob`,
+        except where `keep` is True (the repel objective's failure rows, whose label is the push target)."""
+        if not self.training or self.config.cfg_dropout_prob <= 0:
+            return labels
+        drop = torch.rand(labels.shape[0], device=labels.device) < self.config.cfg_dropout_prob
+        if keep is not None:
+            drop &= ~keep
+        return torch.where(drop, torch.full_like(labels, LABEL_NULL), labels)
 
     def set_reference(self) -> None:
         """Freeze a copy of the current weights as the "repel" objective's trust-region reference.

@@ -300,13 +300,14 @@ class RiptTrainConfig:
             0,
             "must be > 0 when rollout frames are trained on",
         )
-        if self.policy.guidance_negative == "bad" and d.bad_share == 0 and d.failed_demos != "bad":
+        trains_bad_frames = d.bad_share > 0 or d.failed_demos == "bad"
+        if self.policy.guidance_negative == "bad" and not trains_bad_frames:
             raise ValueError(
                 "policy.guidance_negative='bad' steers away from the failure-conditioned branch, but "
                 "data.bad_share=0 and data.failed_demos!='bad' train no frame with the bad label. Set "
                 "--data.bad_share=<value > 0> (or --data.failed_demos=bad), or --policy.guidance_negative=null."
             )
-        if self.policy.objective == "repel" and d.bad_share == 0 and d.failed_demos != "bad":
+        if self.policy.objective == "repel" and not trains_bad_frames:
             raise ValueError(
                 "policy.objective='repel' pushes the policy away from failure frames, but data.bad_share=0 and "
                 "data.failed_demos!='bad' put none in a batch, so it would train exactly like 'cfg'. Set "
