@@ -68,6 +68,15 @@ def test_quick_smoke_two_arms(tmp_path):
         (2.0, "null"),
         (2.0, "bad"),
     ]
+
+    # how far guidance moves the sampled chunks, on demo states, against the policy's own sampling spread
+    cmd = [sys.executable, str(SCRIPT), "branches", "--run", str(run_dir), "--frames", "8", "--scales", "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads((run_dir / "branches.json").read_text())
+    assert out["frames"] == 8 and out["sampling_spread"] > 0
+    assert set(out["distances"]) == {"good_vs_null", "w=2.0_vs_w=1"}  # ript trains no bad frame by default
+    assert all(d > 0 for d in out["distances"].values()), out
     assert all(r["success_rate"] in (0.0, 0.5, 1.0) and r["ci_low"] <= r["ci_high"] for r in sweep["results"])
 
     # where the run's policy fails: success per quartile of each initial puck / goal coordinate, 4 episodes

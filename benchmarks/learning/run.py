@@ -5,6 +5,7 @@
     python benchmarks/learning/run.py report              # RESULTS.md + success.png from every finished run
     python benchmarks/learning/run.py guidance --run <run dir> --scales 1 2 3   # eval guidance sweep
     python benchmarks/learning/run.py regions --run <run dir>   # held-out success by puck / goal position
+    python benchmarks/learning/run.py branches --run <run dir>  # how far guidance moves the sampled actions
     python benchmarks/learning/run.py all [--quick] [--seeds 0 1 2] [--arms ript bc ...] [--jobs 2]
     python benchmarks/learning/run.py all --arms ript filtered --seeds 0 --out benchmarks/learning/runs_3840 \
         --set rollout.max_train_episodes=3840 eval.eval_interval=10   # a larger budget (link runs/sft there)
@@ -260,6 +261,57 @@ def guidance(run_dir: Path, scales: list[float], negatives: list[str], episodes:
     return path
 
 
+def branches(run_dir: Path, frames: int, scales: list[float]) -> Path:
+    """How much guidance can change a finished run's actions: on `frames` states along the scripted demos, the
+    mean distance (normalised action space, whole chunk) between the chunk the good branch samples and the one
+    the null branch samples from the same noise, and between guided (w) and unguided (w = 1) chunks, each
+    against the policy's own sampling spread (two noise draws at w = 1). Written to `run_dir/branches.json`."""
+    import torch
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    _, policy, pre, _, cfg = _load_run(run_dir)
+    # the demos the run trained on; an SFT run keeps them in its own directory, an arm in its SFT's
+    candidates = [run_dir / "demos", run_dir.parent / "sft" / "demos"]
+    if cfg["data"]["dataset_root"]:
+        candidates.insert(0, HERE / cfg["data"]["dataset_root"])
+    root = next((c for c in candidates if (c / "meta" / "info.json").exists()), None)
+    if root is None:
+        raise SystemExit(
+            f"no demo dataset found for {run_dir} (looked in {', '.join(map(str, candidates))})."
+        )
+    demos = LeRobotDataset(cfg["data"]["dataset_id"] or "local/demos", root=root)
+    step = max(1, demos.num_frames // frames)
+    states = torch.stack([demos.hf_dataset[i]["observation.state"] for i in range(0, demos.num_frames, step)])
+    batch = pre({"observation.state": states[:frames]})
+    gen = torch.Generator().manual_seed(0)
+    shape = (batch["observation.state"].shape[0], policy.config.chunk_size, policy.config.action_dim)
+    noise, noise2 = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+
+    def chunk(w: float, x1: torch.Tensor) -> torch.Tensor:
+        return policy.predict_action_chunk(batch, noise=x1, guidance_scale=w)
+
+    def dist(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).flatten(1).norm(dim=1).mean())
+
+    base = chunk(1.0, noise)
+    spread = dist(base, chunk(1.0, noise2))
+    rows = {"good_vs_null": dist(base, chunk(0.0, noise))}  # w = 0 is the null branch alone
+    if cfg["data"]["bad_share"] > 0 or cfg["data"]["failed_demos"] == "bad":  # the bad label was trained
+        policy.config.guidance_negative = "bad"
+        rows["good_vs_bad"] = dist(base, chunk(0.0, noise))
+        policy.config.guidance_negative = "null"
+    rows.update({f"w={w}_vs_w=1": dist(base, chunk(w, noise)) for w in scales if w != 1.0})
+    out = {"frames": int(shape[0]), "sampling_spread": spread, "distances": rows}
+    sys.stdout.write(
+        f"{run_dir}: {shape[0]} demo states, sampling spread (two noise draws, w = 1) {spread:.3f}\n"
+    )
+    for name, d in rows.items():
+        sys.stdout.write(f"  {name:16s} {d:.3f} ({100 * d / spread:.0f}% of the spread)\n")
+    path = run_dir / "branches.json"
+    path.write_text(json.dumps(out, indent=1))
+    return path
+
+
 # push-v3's raw state: hand xyz 0:3, gripper 3, puck xyz 4:7, ..., goal xyz 36:39
 REGION_FEATURES = {
     "goal_x - puck_x": lambda s: s[36] - s[4],
@@ -452,7 +504,7 @@ def _summary(results: list[dict], sft_hist: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["sft", "arm", "report", "all", "guidance", "regions"])
+    p.add_argument("command", choices=["sft", "arm", "report", "all", "guidance", "regions", "branches"])
     p.add_argument("--arm", choices=sorted(ARMS), default="ript")
     p.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=MAIN_ARMS)
     p.add_argument("--seed", type=int, default=0)
@@ -478,12 +530,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--episodes", type=int, default=200, help="guidance / regions: held-out episodes (per scale)"
     )
+    p.add_argument("--frames", type=int, default=500, help="branches: demo states to sample actions on")
     a = p.parse_args(argv)
     if a.command == "guidance":
         guidance(a.run, a.scales, a.negatives, a.episodes)
         return 0
     if a.command == "regions":
         regions(a.run, a.episodes)
+        return 0
+    if a.command == "branches":
+        branches(a.run, a.frames, a.scales)
         return 0
     extra = tuple(f"--{kv.removeprefix('--')}" for kv in a.set)
     a.out.mkdir(parents=True, exist_ok=True)
