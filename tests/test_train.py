@@ -193,6 +193,15 @@ def files_containing(root: Path, needle: str) -> list[str]:
             ["--policy.objective=repel", "--data.bad_share=0"],
             ["objective='repel'", "data.bad_share=0", "--data.bad_share=", "--policy.objective=cfg"],
         ),
+        (
+            ["--policy.objective=weighted", "--data.episode_weighting=advantage"],
+            [
+                "objective='weighted'",
+                "episode_weighting='advantage'",
+                "twice",
+                "--data.episode_weighting=uniform",
+            ],
+        ),
     ],
     ids=[
         "unknown-cli-key",
@@ -208,6 +217,7 @@ def files_containing(root: Path, needle: str) -> list[str]:
         "curriculum-discount",
         "bad-guidance-without-bad-frames",
         "repel-without-bad-frames",
+        "weighted-with-advantage-draws",
     ],
 )
 def test_invalid_config_fails_fast_with_value_rule_and_fix(args, expected):

@@ -128,7 +128,8 @@ class DataConfig:
     # How a rollout episode is drawn within its kind: "uniform", or "advantage" (in proportion to |RLOO
     # advantage|, so a rare success on a hard initial state outweighs a success on a state its group solved).
     # "advantage" is the default (see rollout.state_sampling). The "weighted" objective already weights each
-    # frame by its advantage in the loss: set "uniform" with it, or each rollout is weighted twice.
+    # frame by its advantage in the loss: it needs "uniform" (validate() says so), or each rollout would be
+    # weighted twice.
     episode_weighting: str = "advantage"
     # Demonstration episodes whose `success` column says they failed (the scripted recorder keeps them):
     # "keep" (trained as good, like every demo), "drop" (not trained on), or "bad" (labelled bad: with the cfg
@@ -313,6 +314,13 @@ class RiptTrainConfig:
                 "data.failed_demos!='bad' put none in a batch, so it would train exactly like 'cfg'. Set "
                 "--data.bad_share=<value > 0> (e.g. --data.batch_size=384 --data.good_share=0.6 "
                 "--data.bad_share=0.4 keeps the default's 192 success frames), or --policy.objective=cfg."
+            )
+        if self.policy.objective == "weighted" and d.episode_weighting == "advantage":
+            raise ValueError(
+                "policy.objective='weighted' weights each frame by its processed advantage in the loss, and "
+                "data.episode_weighting='advantage' (the default) also draws each rollout in proportion to "
+                "|advantage|, so every rollout would be weighted twice. Set --data.episode_weighting=uniform "
+                "with the weighted objective (as the learning benchmark's `weighted` arm does)."
             )
         _check_choice("optim.mixed_precision", o.mixed_precision, ("no", "bf16", "fp16"))
         _check_choice("log.wandb_mode", self.log.wandb_mode, ("offline", "online", "disabled"))
