@@ -68,6 +68,23 @@ def test_quick_smoke_two_arms(tmp_path):
         (2.0, "null"),
         (2.0, "bad"),
     ]
+    assert {r["noise_scale"] for r in sweep["results"]} == {1.0}
+
+    # guidance away from another checkpoint's policy, at two noise scales; away from the run itself it is the
+    # run's own policy (v_ref + w (v - v_ref) = v), so it matches w = 1 on the same states and noise
+    cmd = [sys.executable, str(SCRIPT), "guidance", "--run", str(run_dir), "--scales", "1", "3"]
+    cmd += ["--reference", str(run_dir), "--noise-scales", "1", "0", "--episodes", "4"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((run_dir / "guidance_4ep.json").read_text())["results"]
+    assert [(r["noise_scale"], r["guidance_scale"], r["negative"]) for r in rows] == [
+        (1.0, 1.0, "null"),
+        (1.0, 3.0, "reference:ript_seed0"),
+        (0.0, 1.0, "null"),
+        (0.0, 3.0, "reference:ript_seed0"),
+    ]
+    assert rows[0]["success_rate"] == rows[1]["success_rate"]
+    assert rows[2]["success_rate"] == rows[3]["success_rate"]
 
     # how far guidance moves the sampled chunks, on demo states, against the policy's own sampling spread
     cmd = [sys.executable, str(SCRIPT), "branches", "--run", str(run_dir), "--frames", "8", "--scales", "2"]

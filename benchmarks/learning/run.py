@@ -4,6 +4,7 @@
     python benchmarks/learning/run.py arm --arm ript --seed 0
     python benchmarks/learning/run.py report              # RESULTS.md + success.png from every finished run
     python benchmarks/learning/run.py guidance --run <run dir> --scales 1 2 3   # eval guidance sweep
+        [--negatives null bad] [--noise-scales 1 0.5 0] [--reference <SFT run dir>]
     python benchmarks/learning/run.py regions --run <run dir>   # held-out success by puck / goal position
     python benchmarks/learning/run.py branches --run <run dir>  # how far guidance moves the sampled actions
     python benchmarks/learning/run.py all [--quick] [--seeds 0 1 2] [--arms ript bc ...] [--jobs 2]
@@ -208,18 +209,46 @@ def _load_run(run_dir: Path):
     return env_cfg, policy, attach_ript_converter(pre), post, cfg
 
 
-def _held_out(env_cfg, policy, pre, post, seeds: list[int], guidance_scale: float):
-    """Success per held-out seed (numpy bool array, in seed order) of the policy at one guidance scale."""
-    import torch
+def _held_out(
+    env_cfg, policy, pre, post, seeds: list[int], guidance_scale: float, noise_scale: float = 1.0, ref=None
+):
+    """Success per held-out seed (numpy bool array, in seed order) of the policy at one guidance scale.
 
+    noise_scale multiplies the initial flow noise (1 = the policy as trained, 0 = its deterministic mean path).
+    ref = (policy, preprocessor) of another checkpoint: guidance then moves away from that policy's
+    good-conditioned velocity instead of a label, v_ref + w (v - v_ref) (w = 1 is the policy alone)."""
+    import torch
+    from lerobot.envs.utils import preprocess_observation
+    from lerobot.policies.common.flow_matching import euler_integrate, sample_noise
+    from lerobot.utils.constants import OBS_STATE
+
+    from lerobot_ript.advantages import LABEL_GOOD
     from lerobot_ript.envs.metaworld import make_vector_env
-    from lerobot_ript.rollout.collector import make_chunk_policy
     from lerobot_ript.rollout.evaluate import evaluate
 
+    c, device = policy.config, next(policy.parameters()).device
+
+    def velocity(pol, batch):  # the good-conditioned velocity field of one policy at one observation batch
+        context = pol.backbone.encode_observation(pol._images_to_float(batch))
+        good = torch.full((batch[OBS_STATE].shape[0],), LABEL_GOOD, dtype=torch.long, device=device)
+        return pol._velocity_fn(context, good, True)
+
+    def act(obs: dict):
+        o = preprocess_observation(obs)
+        batch = pre(dict(o))
+        with torch.inference_mode():
+            noise = noise_scale * sample_noise(
+                (batch[OBS_STATE].shape[0], c.chunk_size, c.action_dim), device
+            )
+            if ref is None:
+                chunk = policy.predict_action_chunk(batch, noise=noise, guidance_scale=guidance_scale)
+            else:
+                v, v_ref = velocity(policy, batch), velocity(ref[0], ref[1](dict(o)))
+                fn = lambda x, t: v_ref(x, t) + guidance_scale * (v(x, t) - v_ref(x, t))  # noqa: E731
+                chunk = euler_integrate(fn, noise, c.num_inference_steps)
+        return post(chunk[:, : c.n_action_steps]).numpy()
+
     torch.manual_seed(0)
-    act = make_chunk_policy(
-        policy, pre, post, guidance_scale=guidance_scale, n_action_steps=policy.config.n_action_steps
-    )
     return evaluate(
         lambda n: make_vector_env(env_cfg, n),
         act,
@@ -229,33 +258,49 @@ def _held_out(env_cfg, policy, pre, post, seeds: list[int], guidance_scale: floa
     ).successes
 
 
-def guidance(run_dir: Path, scales: list[float], negatives: list[str], episodes: int) -> Path:
-    """Held-out success of a finished run's last checkpoint at several evaluation guidance scales and negative
-    labels (`policy.guidance_negative`), on the same held-out initial states (the run's eval seeds) for every
-    setting; written to `run_dir/guidance_<episodes>ep.json`."""
+def guidance(
+    run_dir: Path,
+    scales: list[float],
+    negatives: list[str],
+    episodes: int,
+    noise_scales: list[float] = (1.0,),
+    reference: Path | None = None,
+) -> Path:
+    """Held-out success of a finished run's last checkpoint at several evaluation guidance scales, negative
+    labels (`policy.guidance_negative`) and initial-noise scales, on the same held-out initial states (the run's
+    eval seeds) for every setting; written to `run_dir/guidance_<episodes>ep.json`. With `reference` (another
+    run directory, e.g. the SFT run) guidance moves away from that checkpoint's policy instead of a label."""
     from lerobot_ript.rollout.evaluate import wilson_interval
 
     env_cfg, policy, pre, post, cfg = _load_run(run_dir)
+    ref = None
+    if reference is not None:
+        _, ref_policy, ref_pre, _, _ = _load_run(reference)
+        ref, negatives = (ref_policy, ref_pre), [f"reference:{reference.name}"]
     seeds = [cfg["eval"]["seed_start"] + i for i in range(episodes)]
     rows = []
-    settings = [(1.0, "null")] if 1.0 in scales else []  # w = 1 does not depend on the negative label
+    settings = [(1.0, "null")] if 1.0 in scales else []  # w = 1 does not depend on the negative
     settings += [(w, neg) for w in scales if w != 1.0 for neg in negatives]
-    for w, neg in settings:
-        policy.config.guidance_negative = neg
-        wins = int(_held_out(env_cfg, policy, pre, post, seeds, w).sum())
-        lo, hi = wilson_interval(wins, episodes)
-        rows.append(
-            {
-                "guidance_scale": w,
-                "negative": neg,
-                "success_rate": wins / episodes,
-                "ci_low": lo,
-                "ci_high": hi,
-            }
-        )
-        sys.stdout.write(
-            f"w={w} negative={neg}: {100 * wins / episodes:.1f}% ({100 * lo:.1f}-{100 * hi:.1f}), {episodes} ep\n"
-        )
+    for tau in noise_scales:
+        for w, neg in settings:
+            if ref is None:
+                policy.config.guidance_negative = neg
+            wins = int(_held_out(env_cfg, policy, pre, post, seeds, w, tau, ref if w != 1.0 else None).sum())
+            lo, hi = wilson_interval(wins, episodes)
+            rows.append(
+                {
+                    "guidance_scale": w,
+                    "negative": neg,
+                    "noise_scale": tau,
+                    "success_rate": wins / episodes,
+                    "ci_low": lo,
+                    "ci_high": hi,
+                }
+            )
+            sys.stdout.write(
+                f"w={w} negative={neg} noise_scale={tau}: {100 * wins / episodes:.1f}% "
+                f"({100 * lo:.1f}-{100 * hi:.1f}), {episodes} ep\n"
+            )
     path = run_dir / f"guidance_{episodes}ep.json"
     path.write_text(json.dumps({"episodes": episodes, "results": rows}, indent=1))
     return path
@@ -530,10 +575,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--episodes", type=int, default=200, help="guidance / regions: held-out episodes (per scale)"
     )
+    p.add_argument(
+        "--noise-scales", type=float, nargs="+", default=[1.0], help="guidance: initial flow-noise scales"
+    )
+    p.add_argument(
+        "--reference", type=Path, help="guidance: a run directory whose policy guidance moves away from"
+    )
     p.add_argument("--frames", type=int, default=500, help="branches: demo states to sample actions on")
     a = p.parse_args(argv)
     if a.command == "guidance":
-        guidance(a.run, a.scales, a.negatives, a.episodes)
+        guidance(a.run, a.scales, a.negatives, a.episodes, a.noise_scales, a.reference)
         return 0
     if a.command == "regions":
         regions(a.run, a.episodes)
