@@ -3,6 +3,7 @@ to end. Its success numbers are meaningless at this size and are not asserted.""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -47,7 +48,27 @@ def _check(tmp_path: Path, arms: list[str], proc: subprocess.CompletedProcess) -
     text = (tmp_path / "RESULTS.md").read_text()
     for name in arms:
         assert f"| {name} | 0 |" in text
+    assert "RIPT's lead (points)" in text  # one seed per arm here: no interval over seeds, a "-"
     assert (tmp_path / "success.png").stat().st_size > 1000
+
+
+def _run_module():
+    spec = importlib.util.spec_from_file_location("learning_run", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seed_difference_bootstrap_interval():
+    diff = _run_module()._seed_difference
+    d, lo, hi = diff([0.60, 0.62, 0.64], [0.40, 0.42, 0.44])
+    assert d == pytest.approx(0.20) and 0.15 < lo < d < hi < 0.25
+    d, lo, hi = diff([0.55, 0.61, 0.65], [0.65, 0.55, 0.61])  # the same seeds in another order
+    assert d == pytest.approx(0.0, abs=1e-12) and lo < 0 < hi
+    # a wider spread between seeds gives a wider interval for the same mean difference
+    wide = diff([0.40, 0.60, 0.80], [0.30, 0.40, 0.50])
+    narrow = diff([0.58, 0.60, 0.62], [0.38, 0.40, 0.42])
+    assert wide[2] - wide[1] > 2 * (narrow[2] - narrow[1])
 
 
 def test_quick_smoke_two_arms(tmp_path):
