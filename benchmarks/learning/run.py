@@ -40,7 +40,11 @@ ARMS: dict[str, tuple[str, list[str]]] = {
         "cfg objective, label dropout, the curriculum over initial states, successes drawn by |RLOO advantage|)",
         [],
     ),
-    "bc": ("continued behaviour cloning on the demos", ["--data.demo_batch_size=256", *UNIFORM]),
+    # the batch size is set too, so that --quick's smaller batch cannot fall below the demo batch
+    "bc": (
+        "continued behaviour cloning on the demos",
+        ["--data.batch_size=256", "--data.demo_batch_size=256", *UNIFORM],
+    ),
     "filtered": (
         "success-filtered fine-tuning on own successful rollouts (initial states drawn uniformly)",
         [
