@@ -462,14 +462,15 @@ def _plot(plt, results: list[dict], sft_hist: list[dict]):
     for i, name in enumerate(a for a in ARMS if any(r["arm"] == a for r in results)):
         color = plt.get_cmap("tab20")(i % 20)  # 20 distinct colours: the default cycle repeats after 10 arms
         runs = [r for r in results if r["arm"] == name]
-        # the k-th evaluation of every seed of an arm, averaged (seeds may reach it at slightly different episodes)
-        points: dict[int, list[tuple[int, float]]] = {}
-        for r in runs:
-            xy = start + [(p["episodes"], p["success_rate"]) for p in r["history"]]
+        # the k-th evaluation of every seed of an arm, averaged (seeds may reach it at slightly different
+        # episodes), and last the seeds' final evaluations: a seed with an extra evaluation past the budget
+        # (an iteration that crossed it) then moves the final mean as in the tables, not a point of its own
+        curves = [start + [(p["episodes"], p["success_rate"]) for p in r["history"]] for r in runs]
+        for xy in curves:
             ax.plot(*zip(*xy, strict=True), color=color, alpha=0.3, linewidth=0.8)
-            for k, point in enumerate(xy):
-                points.setdefault(k, []).append(point)
-        means = [[sum(c) / len(c) for c in zip(*points[k], strict=True)] for k in sorted(points)]
+        n = min(len(xy) for xy in curves)
+        columns = [[xy[k] for xy in curves] for k in range(n - 1)] + [[xy[-1] for xy in curves]]
+        means = [[sum(c) / len(c) for c in zip(*col, strict=True)] for col in columns]
         ax.plot(
             *zip(*means, strict=True),
             color=color,
