@@ -317,6 +317,7 @@ def branches(run_dir: Path, frames: int, scales: list[float]) -> Path:
     against the policy's own sampling spread (two noise draws at w = 1). Written to `run_dir/branches.json`."""
     import torch
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from lerobot.utils.constants import OBS_STATE
 
     _, policy, pre, _, cfg = _load_run(run_dir)
     # the demos the run trained on; an SFT run keeps them in its own directory, an arm in its SFT's
@@ -330,10 +331,10 @@ def branches(run_dir: Path, frames: int, scales: list[float]) -> Path:
         )
     demos = LeRobotDataset(cfg["data"]["dataset_id"] or "local/demos", root=root)
     step = max(1, demos.num_frames // frames)
-    states = torch.stack([demos.hf_dataset[i]["observation.state"] for i in range(0, demos.num_frames, step)])
-    batch = pre({"observation.state": states[:frames]})
+    states = torch.stack([demos.hf_dataset[i][OBS_STATE] for i in range(0, demos.num_frames, step)])
+    batch = pre({OBS_STATE: states[:frames]})
     gen = torch.Generator().manual_seed(0)
-    shape = (batch["observation.state"].shape[0], policy.config.chunk_size, policy.config.action_dim)
+    shape = (batch[OBS_STATE].shape[0], policy.config.chunk_size, policy.config.action_dim)
     noise, noise2 = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
 
     def chunk(w: float, x1: torch.Tensor) -> torch.Tensor:
