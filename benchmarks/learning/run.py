@@ -319,6 +319,8 @@ def branches(run_dir: Path, frames: int, scales: list[float]) -> Path:
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     from lerobot.utils.constants import OBS_STATE
 
+    from lerobot_ript.train.config import trains_bad_frames
+
     _, policy, pre, _, cfg = _load_run(run_dir)
     # the demos the run trained on; an SFT run keeps them in its own directory, an arm in its SFT's
     candidates = [run_dir / "demos", run_dir.parent / "sft" / "demos"]
@@ -346,10 +348,10 @@ def branches(run_dir: Path, frames: int, scales: list[float]) -> Path:
     base = chunk(1.0, noise)
     spread = dist(base, chunk(1.0, noise2))
     rows = {"good_vs_null": dist(base, chunk(0.0, noise))}  # w = 0 is the null branch alone
-    if cfg["data"]["bad_share"] > 0 or cfg["data"]["failed_demos"] == "bad":  # the bad label was trained
-        policy.config.guidance_negative = "bad"
+    if trains_bad_frames(cfg["data"]["bad_share"], cfg["data"]["failed_demos"]):  # the bad label was trained
+        negative, policy.config.guidance_negative = policy.config.guidance_negative, "bad"
         rows["good_vs_bad"] = dist(base, chunk(0.0, noise))
-        policy.config.guidance_negative = "null"
+        policy.config.guidance_negative = negative  # the run's own negative for the guided rows below
     rows.update({f"w={w}_vs_w=1": dist(base, chunk(w, noise)) for w in scales if w != 1.0})
     out = {"frames": int(shape[0]), "sampling_spread": spread, "distances": rows}
     sys.stdout.write(

@@ -301,14 +301,14 @@ class RiptTrainConfig:
             0,
             "must be > 0 when rollout frames are trained on",
         )
-        trains_bad_frames = d.bad_share > 0 or d.failed_demos == "bad"
-        if self.policy.guidance_negative == "bad" and not trains_bad_frames:
+        bad_frames = trains_bad_frames(d.bad_share, d.failed_demos)
+        if self.policy.guidance_negative == "bad" and not bad_frames:
             raise ValueError(
                 "policy.guidance_negative='bad' steers away from the failure-conditioned branch, but "
                 "data.bad_share=0 and data.failed_demos!='bad' train no frame with the bad label. Set "
                 "--data.bad_share=<value > 0> (or --data.failed_demos=bad), or --policy.guidance_negative=null."
             )
-        if self.policy.objective == "repel" and not trains_bad_frames:
+        if self.policy.objective == "repel" and not bad_frames:
             raise ValueError(
                 "policy.objective='repel' pushes the policy away from failure frames, but data.bad_share=0 and "
                 "data.failed_demos!='bad' put none in a batch, so it would train exactly like 'cfg'. Set "
@@ -357,6 +357,12 @@ class RiptTrainConfig:
     @property
     def checkpoints_dir(self) -> Path:
         return Path(self.output_dir) / "checkpoints"
+
+
+def trains_bad_frames(bad_share: float, failed_demos: str) -> bool:
+    """Whether a batch can hold frames with the bad label: failed rollouts (data.bad_share > 0) or failed demos
+    labelled bad (data.failed_demos="bad")."""
+    return bad_share > 0 or failed_demos == "bad"
 
 
 def _require(ok: bool, name: str, value, rule: str) -> None:
