@@ -90,6 +90,7 @@ def test_quick_smoke_two_arms(tmp_path):
         (2.0, "bad"),
     ]
     assert {r["noise_scale"] for r in sweep["results"]} == {1.0}
+    assert all(r["success_rate"] in (0.0, 0.5, 1.0) and r["ci_low"] <= r["ci_high"] for r in sweep["results"])
 
     # guidance away from another checkpoint's policy, at two noise scales; away from the run itself it is the
     # run's own policy (v_ref + w (v - v_ref) = v), so it matches w = 1 on the same states and noise
@@ -115,7 +116,6 @@ def test_quick_smoke_two_arms(tmp_path):
     assert out["frames"] == 8 and out["sampling_spread"] > 0
     assert set(out["distances"]) == {"good_vs_null", "w=2.0_vs_w=1"}  # ript trains no bad frame by default
     assert all(d > 0 for d in out["distances"].values()), out
-    assert all(r["success_rate"] in (0.0, 0.5, 1.0) and r["ci_low"] <= r["ci_high"] for r in sweep["results"])
 
     # where the run's policy fails: success per quartile of each initial puck / goal coordinate, 4 episodes
     cmd = [sys.executable, str(SCRIPT), "regions", "--run", str(run_dir), "--episodes", "4"]
