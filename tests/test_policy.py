@@ -531,6 +531,37 @@ def test_guidance_negative_picks_the_branch_guidance_moves_away_from(negative: s
     assert (policy.predict_action_chunk(batch, noise=noise, guidance_scale=2.0) - other).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("label", [LABEL_GOOD, LABEL_NULL, LABEL_BAD])
+def test_velocity_field_is_the_one_predict_action_chunk_integrates(label: int) -> None:
+    """The public field of one label, integrated with lerobot's Euler steps, is what sampling at w = 1 (good)
+    or w = 0 (the negative branch) returns; with and without precomputed conditioning."""
+    negative = "bad" if label == LABEL_BAD else "null"
+    policy = state_policy(guidance_negative=negative).eval()
+    batch, noise = state_batch(), fixed_noise(6)
+    steps = policy.config.num_inference_steps
+    with torch.no_grad():
+        expected = policy.predict_action_chunk(batch, noise=noise, guidance_scale=float(label == LABEL_GOOD))
+        for precompute in (True, False):
+            got = euler_integrate(policy.velocity_field(batch, label, precompute=precompute), noise, steps)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_noise_scale_scales_the_initial_flow_noise() -> None:
+    """noise_scale s samples from s times a standard draw: the same chunk as passing that noise; s = 0 is the
+    deterministic mean path, the same for every draw."""
+    policy = state_policy().eval()
+    batch = state_batch()
+    torch.manual_seed(5)
+    draw = sample_noise((6, CHUNK, policy.config.action_dim), "cpu")
+    for scale in (0.5, 0.0):
+        torch.manual_seed(5)
+        got = policy.predict_action_chunk(batch, noise_scale=scale)
+        torch.testing.assert_close(got, policy.predict_action_chunk(batch, noise=scale * draw))
+    torch.manual_seed(6)
+    torch.testing.assert_close(policy.predict_action_chunk(batch, noise_scale=0.0), got)
+    assert (policy.predict_action_chunk(batch, noise_scale=1.0) - got).abs().max() > 1e-3
+
+
 def test_guidance_negative_is_validated() -> None:
     with pytest.raises(ValueError, match=r"guidance_negative"):
         tiny_config(guidance_negative="good")

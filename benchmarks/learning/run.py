@@ -226,32 +226,35 @@ def _held_out(
     from lerobot.policies.common.flow_matching import euler_integrate, sample_noise
     from lerobot.utils.constants import OBS_STATE
 
-    from lerobot_ript.advantages import LABEL_GOOD
     from lerobot_ript.envs.metaworld import make_vector_env
+    from lerobot_ript.rollout.collector import make_chunk_policy
     from lerobot_ript.rollout.evaluate import evaluate
 
     c, device = policy.config, next(policy.parameters()).device
 
-    def velocity(pol, batch):  # the good-conditioned velocity field of one policy at one observation batch
-        context = pol.backbone.encode_observation(pol._images_to_float(batch))
-        good = torch.full((batch[OBS_STATE].shape[0],), LABEL_GOOD, dtype=torch.long, device=device)
-        return pol._velocity_fn(context, good, True)
-
-    def act(obs: dict):
-        o = preprocess_observation(obs)
-        batch = pre(dict(o))
-        with torch.inference_mode():
-            noise = noise_scale * sample_noise(
-                (batch[OBS_STATE].shape[0], c.chunk_size, c.action_dim), device
-            )
-            if ref is None:
-                chunk = policy.predict_action_chunk(batch, noise=noise, guidance_scale=guidance_scale)
-            else:
-                v, v_ref = velocity(policy, batch), velocity(ref[0], ref[1](dict(o)))
+    def act_away_from_ref(obs: dict):  # on one thread, as make_chunk_policy: the same floats as its w = 1
+        o, threads = preprocess_observation(obs), torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode():
+                v, v_ref = policy.velocity_field(pre(dict(o))), ref[0].velocity_field(ref[1](dict(o)))
                 fn = lambda x, t: v_ref(x, t) + guidance_scale * (v(x, t) - v_ref(x, t))  # noqa: E731
-                chunk = euler_integrate(fn, noise, c.num_inference_steps)
-        return post(chunk[:, : c.n_action_steps]).numpy()
+                noise = noise_scale * sample_noise((len(o[OBS_STATE]), c.chunk_size, c.action_dim), device)
+                chunk = euler_integrate(fn, noise, c.num_inference_steps)[:, : c.n_action_steps]
+        finally:
+            torch.set_num_threads(threads)
+        return post(chunk).numpy()
 
+    act = act_away_from_ref
+    if ref is None:
+        act = make_chunk_policy(
+            policy,
+            pre,
+            post,
+            guidance_scale=guidance_scale,
+            n_action_steps=c.n_action_steps,
+            noise_scale=noise_scale,
+        )
     torch.manual_seed(0)
     return evaluate(
         lambda n: make_vector_env(env_cfg, n),

@@ -236,8 +236,12 @@ class RiptPolicy(PreTrainedPolicy):
         guidance_scale: float | None = None,
         batched_guidance: bool = True,
         precompute: bool = True,
+        noise_scale: float = 1.0,
     ) -> Tensor:
         """Sample a normalised action chunk (B, chunk_size, action_dim) with guidance scale w.
+
+        Without `noise`, the initial flow noise is a standard normal draw times `noise_scale` (1 = the policy as
+        trained, 0 = its deterministic mean path, in between = sharper sampling).
 
         w = 1 runs one conditional pass per Euler step. w != 1 runs the good and null branches in ONE
         batched pass of 2B rows sharing the observation encoding (or two passes if batched_guidance=False,
@@ -252,7 +256,7 @@ class RiptPolicy(PreTrainedPolicy):
         b = _batch_size(context)
         device = next(self.parameters()).device
         shape = (b, self.config.chunk_size, self.config.action_dim)
-        x1 = sample_noise(shape, device) if noise is None else noise.to(device)
+        x1 = noise_scale * sample_noise(shape, device) if noise is None else noise.to(device)
         good = torch.full((b,), LABEL_GOOD, dtype=torch.long, device=device)
         # the branch guidance moves away from: null (classifier-free guidance) or bad (policy.guidance_negative)
         neg = torch.full_like(good, LABEL_BAD if self.config.guidance_negative == "bad" else LABEL_NULL)
@@ -280,6 +284,18 @@ class RiptPolicy(PreTrainedPolicy):
         return self._action_queue.popleft()
 
     # ----- conditioning and guidance -----
+    def velocity_field(
+        self, batch: dict[str, Tensor], label: int = LABEL_GOOD, precompute: bool = True
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        """The label-conditioned velocity field at a preprocessed observation batch: fn(x, t) -> v, x the
+        (B, chunk_size, action_dim) flow state and t (B,) its flow time on `euler_integrate`'s grid (any time
+        with precompute=False). For custom samplers, e.g. guidance away from another checkpoint's policy; call it
+        and the field under torch.no_grad() or torch.inference_mode() to sample."""
+        context = self.backbone.encode_observation(self._images_to_float(batch))
+        device = next(self.parameters()).device
+        labels = torch.full((_batch_size(context),), label, dtype=torch.long, device=device)
+        return self._velocity_fn(context, labels, precompute)
+
     def condition(self, t: Tensor, labels: Tensor) -> Tensor:
         """Time + label conditioning (B, cond_dim) fed to every denoiser layer."""
         return self.time_embedding(t) + self.label_embedding(labels)

@@ -416,9 +416,18 @@ def _batch_obs(live: list[_Slot]) -> dict:
 
 
 def make_chunk_policy(
-    policy, preprocessor, postprocessor, *, guidance_scale: float, n_action_steps: int, num_threads: int = 1
+    policy,
+    preprocessor,
+    postprocessor,
+    *,
+    guidance_scale: float,
+    n_action_steps: int,
+    num_threads: int = 1,
+    noise_scale: float = 1.0,
 ) -> ChunkPolicy:
     """Wrap a RiptPolicy and its processors into one batched call: vector-env obs -> (N, n_steps, A) numpy.
+
+    noise_scale multiplies the initial flow noise (see `RiptPolicy.predict_action_chunk`).
 
     Inference of a small policy on a CPU runs on `num_threads` threads (1 by default: for small matrices,
     a second thread costs more in synchronisation than it gains, up to 4x on a loaded 2-core machine).
@@ -431,7 +440,9 @@ def make_chunk_policy(
         try:
             batch = preprocessor(preprocess_observation(obs))
             with torch.inference_mode():
-                chunk = policy.predict_action_chunk(batch, guidance_scale=guidance_scale)[:, :n_action_steps]
+                chunk = policy.predict_action_chunk(
+                    batch, guidance_scale=guidance_scale, noise_scale=noise_scale
+                )[:, :n_action_steps]
             return postprocessor(chunk).numpy()
         finally:
             torch.set_num_threads(threads)
