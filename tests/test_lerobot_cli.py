@@ -100,6 +100,30 @@ def test_lerobot_train_trains_ript_with_advantage_labels(trained_two_cameras) ->
     assert steps[-1] == TRAIN_STEPS
 
 
+def test_lerobot_train_from_a_checkpoint_refuses_to_drop_the_advantages(
+    trained_two_cameras, tmp_path
+) -> None:
+    """`lerobot-train --policy.path=<checkpoint>` reloads the preprocessor with LeRobot's own batch converter,
+    which drops `advantages`: the policy stops with how to fix it instead of training every frame as good."""
+    ds_root, ckpt, _ = trained_two_cameras
+    args = [
+        str(BIN / "lerobot-train"),
+        f"--policy.path={ckpt}",
+        "--policy.device=cpu",
+        "--policy.push_to_hub=false",
+    ]
+    args += ["--dataset.repo_id=local/x", f"--dataset.root={ds_root}", "--dataset.video_backend=pyav"]
+    args += ["--steps=2", "--batch_size=4", f"--output_dir={tmp_path / 'out'}", "--num_workers=0"]
+    args += ["--wandb.enable=false"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1")
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "labels its frames with 'advantages'" in proc.stderr and "attach_ript_converter" in proc.stderr, (
+        proc.stderr[-4000:]
+    )
+    assert not list((tmp_path / "out").rglob("model.safetensors"))  # nothing was trained or saved
+
+
 ACT_IN_FRESH_PROCESS = textwrap.dedent(
     """
     import json, sys

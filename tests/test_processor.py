@@ -112,7 +112,19 @@ def test_lerobot_default_converter_drops_ript_keys(policy_and_processors) -> Non
     )
     processed = default(raw)
     assert "advantages" not in processed and "init_hash" not in processed
-    assert label_shares(policy, processed) == (1.0, 0.0)
+    # a policy that make_policy built on this dataset refuses such a batch instead of training every frame as good
+    with pytest.raises(ValueError, match=r"labels its frames with 'advantages'.*attach_ript_converter"):
+        label_shares(policy, processed)
+
+
+def test_dataset_feature_keys_live_in_the_process_only(policy_and_processors, tmp_path: Path) -> None:
+    """What make_policy told the config about the dataset is not saved: a reloaded policy does not refuse
+    batches without advantages (a plain LeRobotDataset still trains), until make_policy tells it again."""
+    cfg, policy, _, _, raw = policy_and_processors
+    policy.save_pretrained(tmp_path)
+    assert "_dataset_feature_keys" not in (tmp_path / "config.json").read_text()
+    no_adv = {k: v for k, v in raw.items() if k not in RIPT_EXTRA_KEYS}
+    assert label_shares(RiptPolicy.from_pretrained(tmp_path), no_adv) == (1.0, 0.0)
 
 
 def test_ript_keys_survive_a_saved_and_reloaded_pipeline(policy_and_processors, tmp_path: Path) -> None:
@@ -195,6 +207,9 @@ def test_state_adapter_saved_and_reloaded_with_the_pipeline(adv_dataset: Path, t
     post.save_pretrained(tmp_path)
 
     pre2, _ = make_pre_post_processors(cfg, pretrained_path=str(tmp_path))
+    attach_ript_converter(
+        pre2
+    )  # reloaded: the dataset's advantages must reach forward (it refuses otherwise)
     steps = [s for s in pre2.steps if isinstance(s, StateDimAdapterStep)]
     assert len(steps) == 1 and steps[0].target_state_dim == 10
     raw = first_batch(open_with_chunks(adv_dataset, cfg), batch_size=8)

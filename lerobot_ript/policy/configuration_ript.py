@@ -194,6 +194,12 @@ class RiptConfig(PreTrainedConfig):
         if self.num_denoiser_layers < 1:
             raise ValueError(f"num_denoiser_layers={self.num_denoiser_layers} must be >= 1.")
 
+    def set_dataset_feature_metadata(self, features: dict) -> None:
+        """LeRobot's `make_policy` calls this with the training dataset's features. Their names are kept for this
+        process only (not saved): `RiptPolicy.forward` then refuses a batch that lost the dataset's `advantages`
+        instead of training every frame as good."""
+        self._dataset_feature_keys = frozenset(features)
+
     def validate_features(self) -> None:
         if ACTION not in self.output_features:
             raise ValueError(

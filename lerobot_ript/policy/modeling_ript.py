@@ -119,6 +119,18 @@ class RiptPolicy(PreTrainedPolicy):
             )
         pad = batch.get(f"{ACTION}_is_pad")
         valid = torch.ones(actions.shape[:2], device=device) if pad is None else (~pad.bool()).float()
+        if (
+            ADVANTAGES_KEY in getattr(self.config, "_dataset_feature_keys", ())
+            and ADVANTAGES_KEY not in batch
+        ):
+            raise ValueError(
+                f"The training dataset labels its frames with '{ADVANTAGES_KEY}', but the batch reaching "
+                "RiptPolicy.forward has none, so every frame would train as good. A preprocessor reloaded by "
+                "LeRobot (`lerobot-train --policy.path=...` or `--resume=true`) uses LeRobot's own batch "
+                "converter, which drops the key. Train from a checkpoint with `python -m lerobot_ript.train "
+                "--checkpoint_path=...`, or call `lerobot_ript.policy.processor_ript.attach_ript_converter"
+                "(preprocessor)` on the reloaded preprocessor in a script of your own."
+            )
         labels = labels_from_advantages(batch, b, device)
         context = self.backbone.encode_observation(self._images_to_float(batch))
         noise = sample_noise(actions.shape, device)
