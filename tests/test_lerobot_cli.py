@@ -22,10 +22,14 @@ BIN = Path(sys.executable).parent
 TRAIN_STEPS = 20
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path, timeout: int = 300, ok: bool = True) -> subprocess.CompletedProcess:
+    """Run a command offline; it must succeed (ok=True) or fail (ok=False)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1")
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{args[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    expected = "succeed" if ok else "fail"
+    assert (proc.returncode == 0) == ok, (
+        f"{args[0]} should {expected}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
     return proc
 
 
@@ -115,9 +119,7 @@ def test_lerobot_train_from_a_checkpoint_refuses_to_drop_the_advantages(
     args += ["--dataset.repo_id=local/x", f"--dataset.root={ds_root}", "--dataset.video_backend=pyav"]
     args += ["--steps=2", "--batch_size=4", f"--output_dir={tmp_path / 'out'}", "--num_workers=0"]
     args += ["--wandb.enable=false"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_cli(args, cwd=tmp_path, ok=False)
     assert "labels its frames with 'advantages'" in proc.stderr and "attach_ript_converter" in proc.stderr, (
         proc.stderr[-4000:]
     )

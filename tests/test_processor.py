@@ -207,9 +207,8 @@ def test_state_adapter_saved_and_reloaded_with_the_pipeline(adv_dataset: Path, t
     post.save_pretrained(tmp_path)
 
     pre2, _ = make_pre_post_processors(cfg, pretrained_path=str(tmp_path))
-    attach_ript_converter(
-        pre2
-    )  # reloaded: the dataset's advantages must reach forward (it refuses otherwise)
+    # reloaded: the dataset's advantages must reach forward (it refuses otherwise)
+    attach_ript_converter(pre2)
     steps = [s for s in pre2.steps if isinstance(s, StateDimAdapterStep)]
     assert len(steps) == 1 and steps[0].target_state_dim == 10
     raw = first_batch(open_with_chunks(adv_dataset, cfg), batch_size=8)

@@ -232,20 +232,15 @@ def _held_out(
 
     c, device = policy.config, next(policy.parameters()).device
 
-    def act_away_from_ref(obs: dict):  # on one thread, as make_chunk_policy: the same floats as its w = 1
-        o, threads = preprocess_observation(obs), torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with torch.inference_mode():
-                v, v_ref = policy.velocity_field(pre(dict(o))), ref[0].velocity_field(ref[1](dict(o)))
-                fn = lambda x, t: v_ref(x, t) + guidance_scale * (v(x, t) - v_ref(x, t))  # noqa: E731
-                noise = noise_scale * sample_noise((len(o[OBS_STATE]), c.chunk_size, c.action_dim), device)
-                chunk = euler_integrate(fn, noise, c.num_inference_steps)[:, : c.n_action_steps]
-        finally:
-            torch.set_num_threads(threads)
+    def act_away_from_ref(obs: dict):  # one thread, as every call here (_load_run): the same floats as w = 1
+        o = preprocess_observation(obs)
+        with torch.inference_mode():
+            v, v_ref = policy.velocity_field(pre(dict(o))), ref[0].velocity_field(ref[1](dict(o)))
+            fn = lambda x, t: v_ref(x, t) + guidance_scale * (v(x, t) - v_ref(x, t))  # noqa: E731
+            noise = noise_scale * sample_noise((len(o[OBS_STATE]), c.chunk_size, c.action_dim), device)
+            chunk = euler_integrate(fn, noise, c.num_inference_steps)[:, : c.n_action_steps]
         return post(chunk).numpy()
 
-    act = act_away_from_ref
     if ref is None:
         act = make_chunk_policy(
             policy,
@@ -255,6 +250,8 @@ def _held_out(
             n_action_steps=c.n_action_steps,
             noise_scale=noise_scale,
         )
+    else:
+        act = act_away_from_ref
     torch.manual_seed(0)
     return evaluate(
         lambda n: make_vector_env(env_cfg, n),
