@@ -15,7 +15,7 @@ if [ ! -x .venv/bin/python ]; then
   fi
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[metaworld,dev]"
+.venv/bin/python -m pip install -q -e ".[metaworld,vla,dev]"
 # torchcodec (pulled in by lerobot[dataset]) needs system FFmpeg libraries this machine does not have;
 # LeRobot then prints a long traceback on every dataset open and falls back to pyav. We use pyav directly.
 .venv/bin/python -m pip uninstall -q -y torchcodec 2>/dev/null || true

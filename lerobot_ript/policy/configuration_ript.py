@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
+from typing import Any
 
 from lerobot.configs import NormalizationMode, PreTrainedConfig
 from lerobot.optim import AdamWConfig
@@ -12,9 +13,9 @@ from lerobot.utils.constants import ACTION
 
 OBJECTIVES = ("cfg", "cfgrl", "weighted", "repel")
 GUIDANCE_NEGATIVES = ("null", "bad")
-BACKBONES = ("small",)
-# Planned behind the same seam (lerobot_ript/policy/backbones/base.py); not available in this release.
-PLANNED_BACKBONES = ("pi0", "pi05", "smolvla")
+# "small": built in, runs on a CPU. The others wrap a LeRobot checkpoint of that policy type (backbone_path).
+BACKBONES = ("small", "pi0", "pi05", "smolvla")
+VLA_BACKBONES = ("pi0", "pi05", "smolvla")
 
 
 def _choice_error(field_name: str, value: str, valid: tuple[str, ...]) -> ValueError:
@@ -52,9 +53,30 @@ class RiptConfig(PreTrainedConfig):
         }
     )
 
-    # Backbone behind the backbone seam: "small" (built-in, runs on a CPU). The LeRobot VLA wrappers
-    # ("pi0", "pi05", "smolvla") are planned behind the same seam and are not available yet.
+    # Backbone behind the backbone seam: "small" (built in, runs on a CPU, downloads nothing), or "pi0" /
+    # "pi05" / "smolvla": a LeRobot checkpoint of that policy type (backbone_path), its weights, normalisation
+    # stats and tokenizer reused, the optimality label added to every layer of its action expert.
     backbone: str = "small"
+    # VLA backbones: the LeRobot checkpoint to wrap, a local directory or a Hub id (e.g. lerobot/pi05_base). Read
+    # once, when the ript policy is first built; a saved ript checkpoint holds the weights itself.
+    backbone_path: str | None = None
+    # VLA backbones: the wrapped policy's own LeRobot config (as in its config.json), filled in when it is first
+    # wrapped and saved with the ript checkpoint, so that reloading rebuilds the architecture without the
+    # original checkpoint. Not set by hand.
+    backbone_config: dict[str, Any] | None = None
+    # VLA backbones: LeRobot's own training switches of the wrapped policy; None keeps the checkpoint's value.
+    # Freeze the vision encoder (SigLIP) weights.
+    freeze_vision_encoder: bool | None = None
+    # See freeze_vision_encoder: train the action expert (and the label path) only; the VLM is frozen.
+    train_expert_only: bool | None = None
+    # See freeze_vision_encoder: activation (gradient) checkpointing in the VLM and the expert.
+    gradient_checkpointing: bool | None = None
+    # See freeze_vision_encoder: the precision the wrapped model keeps its weights in ("bfloat16" | "float32").
+    vla_dtype: str | None = None
+    # VLA backbones: the tokenizer (local directory or Hub id) the processors load instead of the one named by
+    # the checkpoint's processor config (e.g. a local copy of google/paligemma-3b-pt-224 on a machine without
+    # Hub access). None keeps the checkpoint's.
+    tokenizer_path: str | None = None
     # Width of the small backbone's observation encoder and denoiser (>= 8).
     hidden_dim: int = 256
     # Number of adaLN-conditioned residual blocks in the small denoiser (>= 1).
@@ -140,13 +162,20 @@ class RiptConfig(PreTrainedConfig):
         """Fail fast, with the fix in the message, on values that would break training or sampling."""
         if self.objective not in OBJECTIVES:
             raise _choice_error("objective", self.objective, OBJECTIVES)
-        if self.backbone in PLANNED_BACKBONES:
-            raise ValueError(
-                f"backbone={self.backbone!r}: the pi0 / pi05 / SmolVLA wrappers are not part of this release yet "
-                "(they plug into RiptBackbone in lerobot_ript/policy/backbones/base.py). Use backbone='small'."
-            )
         if self.backbone not in BACKBONES:
             raise _choice_error("backbone", self.backbone, BACKBONES)
+        if self.is_vla and self.backbone_path is None and self.backbone_config is None:
+            raise ValueError(
+                f"backbone={self.backbone!r} wraps a LeRobot {self.backbone} checkpoint: set "
+                f"--policy.backbone_path=<a local directory or a Hub id of a {self.backbone} policy>."
+            )
+        if self.backbone_config is not None and self.backbone_config.get("type") != self.backbone:
+            raise ValueError(
+                f"backbone_config is a {self.backbone_config.get('type')!r} config but backbone={self.backbone!r}; "
+                "backbone_config is filled in when a checkpoint is wrapped: leave it unset."
+            )
+        if self.vla_dtype not in (None, "bfloat16", "float32"):
+            raise _choice_error("vla_dtype", str(self.vla_dtype), ("bfloat16", "float32"))
         if self.n_obs_steps != 1:
             raise ValueError(
                 f"n_obs_steps={self.n_obs_steps}: the ript policy uses one observation frame; set 1."
@@ -212,6 +241,11 @@ class RiptConfig(PreTrainedConfig):
                 "The ript policy needs an 'observation.state', 'observation.environment_state' or "
                 f"'observation.images.*' input; got {sorted(self.input_features)}."
             )
+
+    @property
+    def is_vla(self) -> bool:
+        """True for the pi0 / pi05 / SmolVLA backbones (a wrapped LeRobot checkpoint)."""
+        return self.backbone in VLA_BACKBONES
 
     @property
     def state_dim(self) -> int:

@@ -95,13 +95,26 @@ class RiptPolicy(PreTrainedPolicy):
         config.validate_hyperparameters()
         self.config = config
         self.backbone = make_backbone(config)
-        self.time_embedding = TimeEmbedding(config.cond_dim)
-        self.label_embedding = nn.Embedding(3, config.cond_dim)
+        if not self.backbone.owns_condition:
+            self.time_embedding = TimeEmbedding(config.cond_dim)
+            self.label_embedding = nn.Embedding(3, config.cond_dim)
         self.reset()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_name_or_path, *, config: RiptConfig | None = None, **kwargs):
+        """LeRobot's loader, strict by default (a missing or unexpected key fails instead of leaving a layer at its
+        initial value), with a VLA backbone rebuilt from the saved `backbone_config` rather than reloaded from
+        its original checkpoint: the ript checkpoint's weights fill it."""
+        from lerobot_ript.policy.backbones.vla import architecture_only
+
+        kwargs.setdefault("strict", True)
+        with architecture_only():
+            return super().from_pretrained(pretrained_name_or_path, config=config, **kwargs)
+
     # ----- LeRobot policy API -----
-    def get_optim_params(self) -> dict:
-        return self.parameters()
+    def get_optim_params(self) -> list[nn.Parameter]:
+        """The trainable parameters (a VLA's frozen vision encoder or VLM is left out)."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     def reset(self) -> None:
         self._action_queue: deque[Tensor] = deque(maxlen=self.config.n_action_steps)
@@ -133,6 +146,7 @@ class RiptPolicy(PreTrainedPolicy):
             )
         labels = labels_from_advantages(batch, b, device)
         context = self.backbone.encode_observation(self._images_to_float(batch))
+        actions = _pad_last(actions, self.backbone.flow_action_dim)  # (B, T, flow_action_dim), zeros past A
         noise = sample_noise(actions.shape, device)
         t = self._sample_time(b, device)
         x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
@@ -267,7 +281,12 @@ class RiptPolicy(PreTrainedPolicy):
         context = self.backbone.encode_observation(self._images_to_float(batch))
         b = _batch_size(context)
         device = next(self.parameters()).device
-        shape = (b, self.config.chunk_size, self.config.action_dim)
+        shape = (b, self.config.chunk_size, self.backbone.flow_action_dim)
+        if noise is not None and tuple(noise.shape) != shape:
+            raise ValueError(
+                f"noise has shape {tuple(noise.shape)}; this policy integrates a flow state of shape {shape} "
+                "(batch, chunk_size, the backbone's flow_action_dim)."
+            )
         x1 = noise_scale * sample_noise(shape, device) if noise is None else noise.to(device)
         good = torch.full((b,), LABEL_GOOD, dtype=torch.long, device=device)
         # the branch guidance moves away from: null (classifier-free guidance) or bad (policy.guidance_negative)
@@ -284,7 +303,7 @@ class RiptPolicy(PreTrainedPolicy):
             v_good = self._velocity_fn(context, good, precompute)
             v_neg = self._velocity_fn(context, neg, precompute)
             fn = lambda x, t: _guide(v_good(x, t), v_neg(x, t), w)  # noqa: E731
-        return euler_integrate(fn, x1, self.config.num_inference_steps)
+        return euler_integrate(fn, x1, self.config.num_inference_steps)[..., : self.config.action_dim]
 
     @torch.no_grad()
     def select_action(self, batch: dict[str, Tensor], noise: Tensor | None = None) -> Tensor:
@@ -310,7 +329,17 @@ class RiptPolicy(PreTrainedPolicy):
 
     def condition(self, t: Tensor, labels: Tensor) -> Tensor:
         """Time + label conditioning (B, cond_dim) fed to every denoiser layer."""
-        return self.time_embedding(t) + self.label_embedding(labels)
+        return self.time_condition(t) + self.label_condition(labels)
+
+    def time_condition(self, t: Tensor) -> Tensor:
+        """The time part (N, cond) of the condition: the backbone's own (pi0 / pi05 / SmolVLA) or the policy's."""
+        return self.backbone.time_condition(t) if self.backbone.owns_condition else self.time_embedding(t)
+
+    def label_condition(self, labels: Tensor) -> Tensor:
+        """The label part (N, cond) of the condition (zero at start for a wrapped VLA: see its backbone)."""
+        if self.backbone.owns_condition:
+            return self.backbone.label_condition(labels)
+        return self.label_embedding(labels)
 
     def _velocity(self, context, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
         return self.backbone.denoise(context, x, self.condition(t, labels))
@@ -323,8 +352,8 @@ class RiptPolicy(PreTrainedPolicy):
             return lambda x, t: self._velocity(context, x, t, labels)
         times = euler_times(self.config.num_inference_steps)  # (num_steps,)
         step_of = {time: step for step, time in enumerate(times.tolist())}
-        step_conds = self.time_embedding(times.to(labels.device))  # (num_steps, cond_dim)
-        denoise = self.backbone.prepare_denoise(context, self.label_embedding(labels), step_conds)
+        step_conds = self.time_condition(times.to(labels.device))  # (num_steps, cond_dim)
+        denoise = self.backbone.prepare_denoise(context, self.label_condition(labels), step_conds)
         return lambda x, t: denoise(x, _grid_step(step_of, t))
 
     def branch_velocities(self, ctx2, x_good: Tensor, x_null: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -349,10 +378,11 @@ class RiptPolicy(PreTrainedPolicy):
             offset=c.time_sampling_offset,
         )
 
-    @staticmethod
-    def _masked_mse(v: Tensor, target: Tensor, valid: Tensor) -> Tensor:
-        """Per-sample MSE (B,) over valid (non-padded) chunk steps and all action dims."""
-        err = ((v.float() - target.float()) ** 2).mean(dim=-1)  # (B, T)
+    def _masked_mse(self, v: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+        """Per-sample MSE (B,) over valid (non-padded) chunk steps and the real action dims (a backbone's
+        padded flow dims, as in LeRobot's pi0 / pi05 / SmolVLA losses, are not trained)."""
+        a = self.config.action_dim
+        err = ((v[..., :a].float() - target[..., :a].float()) ** 2).mean(dim=-1)  # (B, T)
         return (err * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
 
     def _images_to_float(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -387,6 +417,11 @@ def _grid_step(step_of: dict[float, int], t: Tensor) -> int:
 def _guide(v_good: Tensor, v_neg: Tensor, w: float) -> Tensor:
     """Guidance: v_neg + w (v_good - v_neg), v_neg the null (classifier-free guidance) or the bad branch."""
     return v_neg + w * (v_good - v_neg)
+
+
+def _pad_last(x: Tensor, dim: int) -> Tensor:
+    """Zero-pad the last dimension of x to `dim` (no copy when it already has that size)."""
+    return x if x.shape[-1] == dim else F.pad(x, (0, dim - x.shape[-1]))
 
 
 def _select_rows(batch: dict, idx: Tensor, b: int) -> dict:

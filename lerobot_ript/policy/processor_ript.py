@@ -106,7 +106,12 @@ def make_ript_pre_post_processors(
     """Rename -> batch -> device -> normalise -> state adapter; unnormalise -> cpu.
 
     With `config.state_std_min > 0`, the std of every STATE input feature in `dataset_stats` is raised to at
-    least that value first (the stats passed in are not modified)."""
+    least that value first (the stats passed in are not modified).
+
+    A VLA backbone (pi0 / pi05 / SmolVLA) keeps the wrapped checkpoint's own pipelines instead (its normalisation
+    stats, tokenizer and prompt format): see `wrapped_pre_post_processors`; `dataset_stats` are not used."""
+    if config.is_vla:
+        return wrapped_pre_post_processors(config)
     dataset_stats = floor_state_std(config, dataset_stats)
     s = make_default_policy_processor_steps(config, dataset_stats, normalizer_device=config.device)
     pre, post = make_policy_processor_pipelines(
@@ -119,4 +124,44 @@ def make_ript_pre_post_processors(
         ],
         output_steps=[s.unnormalize, s.to_cpu],
     )
+    return attach_ript_converter(pre), post
+
+
+def wrapped_pre_post_processors(
+    config: RiptConfig,
+) -> tuple[PolicyProcessorPipeline[dict[str, Any], dict[str, Any]], PolicyProcessorPipeline]:
+    """The pipelines saved with the LeRobot checkpoint at `config.backbone_path`, reused as they are (its
+    normaliser stats, its tokenizer and prompt format), on `config.device`, with `config.tokenizer_path` instead
+    of the checkpoint's tokenizer when set, the state adapter inserted before the normaliser (the checkpoint's
+    stats are in its own state size) and our batch converter attached."""
+    from lerobot.processor import NormalizerProcessorStep
+    from lerobot.processor.converters import (
+        policy_action_to_transition,
+        transition_to_batch,
+        transition_to_policy_action,
+    )
+
+    path = config.backbone_path
+    if path is None:
+        raise ValueError(
+            f"backbone={config.backbone!r}: the processors come from the wrapped checkpoint; set "
+            "--policy.backbone_path, or load a saved ript checkpoint's processors with "
+            "make_pre_post_processors(config, pretrained_path=<ript checkpoint>)."
+        )
+    overrides: dict[str, dict[str, Any]] = {"device_processor": {"device": config.device}}
+    if config.tokenizer_path is not None:
+        overrides["tokenizer_processor"] = {"tokenizer_name": config.tokenizer_path}
+    pre = PolicyProcessorPipeline.from_pretrained(
+        path, config_filename="policy_preprocessor.json", overrides=overrides, to_output=transition_to_batch
+    )
+    post = PolicyProcessorPipeline.from_pretrained(
+        path,
+        config_filename="policy_postprocessor.json",
+        to_transition=policy_action_to_transition,
+        to_output=transition_to_policy_action,
+    )
+    steps = list(pre.steps)
+    at = next((i for i, step in enumerate(steps) if isinstance(step, NormalizerProcessorStep)), len(steps))
+    steps.insert(at, StateDimAdapterStep(target_state_dim=config.target_state_dim))
+    pre.steps = steps
     return attach_ript_converter(pre), post

@@ -1,8 +1,16 @@
 """The backbone seam: everything model-specific sits behind this small interface.
 
 The RIPT flow head (label and time conditioning, losses, classifier-free-guided sampling) only talks to a
-backbone through these three methods, so pi0 / pi05 / SmolVLA wrappers plug in without touching it. A fourth,
+backbone through these three methods, so the pi0 / pi05 / SmolVLA wrappers plug in without touching it. A fourth,
 `prepare_denoise`, is an optional sampling fast path: its default simply calls `denoise`.
+
+Two optional parts let a wrapped model keep its own conventions:
+- `owns_condition = True`: the backbone embeds the flow time and the label itself (`time_condition`,
+  `label_condition`; the condition is their SUM, so the label part can be computed once per sampling call), e.g.
+  pi05's time MLP feeding its adaRMS norms. Otherwise the policy's own time and label embeddings are used.
+- `flow_action_dim`: the width of the flow state (pi0 / pi05 / SmolVLA integrate actions padded to
+  `max_action_dim`); the policy samples its noise at that width, trains on the first `action_dim` dims and
+  returns those.
 """
 
 from __future__ import annotations
@@ -20,6 +28,22 @@ class RiptBackbone(nn.Module, abc.ABC):
     A backbone must apply `cond` (the time + optimality-label embedding) in EVERY denoiser layer (FiLM, adaLN
     or AdaRMSNorm), not only at its input: a label concatenated at the input alone proved too weak.
     """
+
+    # True: `time_condition` and `label_condition` below embed the condition (see the module docstring).
+    owns_condition: bool = False
+
+    @property
+    def flow_action_dim(self) -> int:
+        """Width of the flow state (B, chunk, flow_action_dim); the first `action_dim` dims are the actions."""
+        return int(self.config.action_dim)
+
+    def time_condition(self, t: Tensor) -> Tensor:
+        """(N,) flow times -> (N, cond) time part of the condition (only when `owns_condition`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not embed the flow time itself.")
+
+    def label_condition(self, labels: Tensor) -> Tensor:
+        """(N,) labels (good / bad / null) -> (N, cond) label part of the condition (only when `owns_condition`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not embed the label itself.")
 
     @abc.abstractmethod
     def encode_observation(self, batch: dict[str, Tensor]) -> Any:

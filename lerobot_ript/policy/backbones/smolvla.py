@@ -1,0 +1,206 @@
+"""LeRobot's SmolVLA as a RIPT backbone: the SmolVLM encodes images, language and state (the prefix) once, the
+smaller Llama action expert denoises the chunk (the suffix) by self- and cross-attention to the prefix's KV.
+
+The flow time enters through the action-time MLP, as in pi0. SmolVLA's expert norms take no condition (its
+`SmolVLMWithExpertModel.forward` calls them with the hidden states only), so every expert norm (both per layer
+and the final one) becomes a `LabelNorm`: the checkpoint's RMSNorm (its `.weight` kept under the same name)
+followed by a zero-initialised scale and shift from the label, which the backbone places in a `LabelSlot`
+shared by those norms for the duration of one expert pass. The label is also added inside the action-time MLP
+(zero-initialised). Nothing changes at start.
+
+The expert passes follow `VLAFlowMatching.forward` / `sample_actions` / `denoise_step` of LeRobot 0.6.1, with
+the condition passed in; `test_wrapped_smolvla_matches_lerobot_at_start` holds them to LeRobot's sampler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from lerobot_ript.policy.backbones.base import RiptBackbone
+from lerobot_ript.policy.backbones.vla import load_wrapped_policy, repeat_cache, repeat_rows, zero_linear
+
+
+class PrefixInputs(NamedTuple):
+    """Training context: the prefix embeddings (images, language, state), run with the suffix in one pass."""
+
+    embs: Tensor  # (B, L, hidden)
+    pad_masks: Tensor  # (B, L) bool
+    att_masks: Tensor  # (B, L) bool
+
+
+class PrefixCache(NamedTuple):
+    """Sampling context: the prefix's KV cache, computed once per observation."""
+
+    pad_masks: Tensor  # (B, L) bool
+    cache: Any  # transformers DynamicCache
+
+
+class LabelSlot:
+    """The label condition (B, cond) of the expert pass in progress, read by every LabelNorm (None outside)."""
+
+    def __init__(self) -> None:
+        self.cond: Tensor | None = None
+
+
+class LabelNorm(nn.Module):
+    """`norm(x) * (1 + scale) + shift` with (scale, shift) from the slot's label condition through a
+    zero-initialised layer; without a condition in the slot it is the wrapped norm."""
+
+    def __init__(self, norm: nn.Module, cond_dim: int, slot: LabelSlot) -> None:
+        super().__init__()
+        self.weight = norm.weight  # same key as the wrapped norm: the checkpoint's `...layernorm.weight`
+        self.variance_epsilon = norm.variance_epsilon
+        self._norm_forward = type(
+            norm
+        ).forward  # LlamaRMSNorm.forward, reading only weight / variance_epsilon
+        self.label_film = zero_linear(cond_dim, 2 * int(norm.weight.shape[0]))
+        self._slot = slot
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self._norm_forward(self, x)
+        cond = self._slot.cond
+        if cond is None:
+            return out
+        scale, shift = self.label_film(cond).chunk(2, dim=-1)  # each (B, hidden)
+        if out.dim() == 3:
+            scale, shift = scale[:, None], shift[:, None]
+        return (out * (1 + scale.float()) + shift.float()).to(out.dtype)
+
+
+class SmolVLABackbone(RiptBackbone):
+    """SmolVLA: condition = [sincos(t) | label_embedding(label)]; the label reaches the action-time MLP and
+    every expert norm."""
+
+    owns_condition = True
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.vla = load_wrapped_policy(config)  # SmolVLAPolicy: its preprocessing and its VLAFlowMatching
+        if self.vla.config.adapt_to_pi_aloha:
+            raise ValueError(
+                "this SmolVLA checkpoint uses adapt_to_pi_aloha (Aloha gripper space conversions); the smolvla "
+                "backbone does not support it. Use a checkpoint trained without it."
+            )
+        vwe = self.model.vlm_with_expert
+        self.width = w = int(vwe.expert_hidden_size)
+        self.label_embedding = nn.Embedding(3, w)
+        self.label_to_action_time = zero_linear(w, w)
+        self._slot = LabelSlot()
+        expert = vwe.lm_expert
+        for layer in expert.layers:
+            layer.input_layernorm = LabelNorm(layer.input_layernorm, w, self._slot)
+            layer.post_attention_layernorm = LabelNorm(layer.post_attention_layernorm, w, self._slot)
+        expert.norm = LabelNorm(expert.norm, w, self._slot)
+
+    @property
+    def model(self):
+        return self.vla.model  # VLAFlowMatching
+
+    @property
+    def flow_action_dim(self) -> int:
+        return int(self.vla.config.max_action_dim)
+
+    def time_condition(self, t: Tensor) -> Tensor:
+        from lerobot.policies.common.vla_utils import create_sinusoidal_pos_embedding
+
+        c = self.vla.config
+        emb = create_sinusoidal_pos_embedding(t, self.width, c.min_period, c.max_period, device=t.device)
+        emb = emb.type(dtype=self.model.action_in_proj.weight.dtype)
+        return torch.cat([emb, torch.zeros_like(emb)], dim=-1)  # (N, 2 width): [time | 0]
+
+    def label_condition(self, labels: Tensor) -> Tensor:
+        emb = self.label_embedding(labels)
+        return torch.cat([torch.zeros_like(emb), emb], dim=-1)  # (N, 2 width): [0 | label]
+
+    def encode_observation(self, batch: dict[str, Tensor]) -> PrefixInputs | PrefixCache:
+        from lerobot.policies.common.vla_utils import make_att_2d_masks
+        from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
+
+        if OBS_LANGUAGE_TOKENS not in batch:
+            raise ValueError(
+                f"the batch has no '{OBS_LANGUAGE_TOKENS}': the smolvla backbone reads the task instruction "
+                "tokenised by its processors. Run the batch (with a 'task' string per row) through the policy's "
+                "preprocessor (make_pre_post_processors)."
+            )
+        images, img_masks = self.vla.prepare_images(batch)
+        state = self.vla.prepare_state(batch)
+        tokens, masks = batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK]
+        embs, pad_masks, att_masks = self.model.embed_prefix(images, img_masks, tokens, masks, state=state)
+        if torch.is_grad_enabled():
+            return PrefixInputs(embs, pad_masks, att_masks)
+        _, cache = self.model.vlm_with_expert.forward(
+            attention_mask=make_att_2d_masks(pad_masks, att_masks),
+            position_ids=torch.cumsum(pad_masks, dim=1) - 1,
+            past_key_values=None,
+            inputs_embeds=[embs, None],
+            use_cache=True,
+        )
+        return PrefixCache(pad_masks, cache)
+
+    def repeat_context(self, context, repeats: int):
+        if isinstance(context, PrefixCache):
+            return PrefixCache(repeat_rows(context.pad_masks, repeats), repeat_cache(context.cache, repeats))
+        return PrefixInputs(*(repeat_rows(x, repeats) for x in context))
+
+    def denoise(self, context, noisy_actions: Tensor, cond: Tensor) -> Tensor:
+        from lerobot.policies.common.vla_utils import make_att_2d_masks
+
+        m, w = self.model, self.width
+        time_emb, label = cond[:, :w], cond[:, w:]
+        action_emb = m.action_in_proj(noisy_actions)  # (B, T, width)
+        x = torch.cat([action_emb, time_emb.to(action_emb.dtype)[:, None, :].expand_as(action_emb)], dim=2)
+        x = m.action_time_mlp_in(x) + self.label_to_action_time(label)[:, None, :]
+        suffix_embs = m.action_time_mlp_out(F.silu(x))
+        b, n = suffix_embs.shape[:2]
+        suffix_pad = torch.ones(b, n, dtype=torch.bool, device=suffix_embs.device)
+        suffix_att = torch.ones(b, n, dtype=suffix_embs.dtype, device=suffix_embs.device)  # [1] * chunk_size
+        with self._label(label):
+            if isinstance(context, PrefixCache):
+                out = self._cached_pass(context, suffix_embs, suffix_pad, suffix_att)
+            else:
+                pad_masks = torch.cat([context.pad_masks, suffix_pad], dim=1)
+                att_masks = torch.cat([context.att_masks, suffix_att], dim=1)
+                (_, out), _ = m.vlm_with_expert.forward(
+                    attention_mask=make_att_2d_masks(pad_masks, att_masks),
+                    position_ids=torch.cumsum(pad_masks, dim=1) - 1,
+                    past_key_values=None,
+                    inputs_embeds=[context.embs, suffix_embs],
+                    use_cache=False,
+                )
+        out = out[:, -self.config.chunk_size :].to(dtype=torch.float32)
+        return m.action_out_proj(out)  # (B, chunk, max_action_dim)
+
+    def _cached_pass(self, context: PrefixCache, suffix_embs, suffix_pad, suffix_att) -> Tensor:
+        from lerobot.policies.common.vla_utils import make_att_2d_masks
+
+        prefix_pad, cache = context
+        b, suffix_len, prefix_len = prefix_pad.shape[0], suffix_pad.shape[1], prefix_pad.shape[1]
+        prefix_2d = prefix_pad[:, None, :].expand(b, suffix_len, prefix_len)
+        full_2d = torch.cat([prefix_2d, make_att_2d_masks(suffix_pad, suffix_att)], dim=2)
+        position_ids = torch.sum(prefix_pad, dim=-1)[:, None] + torch.cumsum(suffix_pad, dim=1) - 1
+        try:
+            outputs, _ = self.model.vlm_with_expert.forward(
+                attention_mask=full_2d,
+                position_ids=position_ids,
+                past_key_values=cache,
+                inputs_embeds=[None, suffix_embs],
+                use_cache=True,
+            )
+        finally:
+            cache.crop(prefix_len)  # self-attention layers appended the suffix K/V: restore the prefix
+        return outputs[1]
+
+    @contextlib.contextmanager
+    def _label(self, label: Tensor) -> Iterator[None]:
+        self._slot.cond = label
+        try:
+            yield
+        finally:
+            self._slot.cond = None

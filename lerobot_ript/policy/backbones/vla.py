@@ -1,0 +1,229 @@
+"""What the VLA backbones (pi0 / pi05 / SmolVLA) share: loading the LeRobot checkpoint they wrap, checking it fits
+the env, and rebuilding its architecture when a saved `ript` checkpoint is reloaded.
+
+A `ript` policy with a VLA backbone is built in one of two ways:
+- first wrap (`make_policy`, our training loop): the LeRobot policy is loaded from `config.backbone_path` with its
+  weights, and its config is copied into `config.backbone_config`, which is saved in the ript `config.json`;
+- reload (`RiptPolicy.from_pretrained`, `lerobot-eval --policy.path`): the architecture is rebuilt from
+  `config.backbone_config` without weights, and the ript checkpoint's `model.safetensors` fills it.
+`RiptPolicy.from_pretrained` enters `architecture_only()` to choose the second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import io
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+_ARCHITECTURE_ONLY = contextvars.ContextVar("ript_vla_architecture_only", default=False)
+# LeRobot 0.6.1's pi / smolvla extras pin this range; outside it their samplers break (see pyproject.toml).
+TRANSFORMERS_RANGE = ((5, 4), (5, 6))
+INSTALL_HINT = (
+    "pip install 'lerobot_policy_ript[vla]' (LeRobot's pi / smolvla extras, transformers >=5.4,<5.6)"
+)
+
+
+@contextlib.contextmanager
+def architecture_only() -> Iterator[None]:
+    """Within this block a VLA backbone is built from `config.backbone_config` without loading any weights."""
+    token = _ARCHITECTURE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _ARCHITECTURE_ONLY.reset(token)
+
+
+def check_transformers() -> None:
+    """Fail with the install command when transformers is missing or outside the range LeRobot's VLAs work with."""
+    try:
+        import transformers
+    except ImportError as err:
+        raise ImportError(f"The VLA backbones need transformers: {INSTALL_HINT}.") from err
+    version = tuple(int(p) for p in transformers.__version__.split(".")[:2])
+    low, high = TRANSFORMERS_RANGE
+    if not low <= version < high:
+        raise ImportError(
+            f"transformers {transformers.__version__} is installed; LeRobot 0.6.1's pi0 / pi05 / SmolVLA sample "
+            f"correctly only with transformers >={low[0]}.{low[1]},<{high[0]}.{high[1]} (newer versions break their "
+            f"prefix cache). Fix: {INSTALL_HINT}."
+        )
+
+
+def load_wrapped_policy(config) -> nn.Module:
+    """The LeRobot policy of type `config.backbone` that the backbone wraps (see the module docstring)."""
+    import draccus
+    from lerobot.configs import PreTrainedConfig
+    from lerobot.policies.factory import get_policy_class
+
+    check_transformers()
+    kind = config.backbone
+    if _ARCHITECTURE_ONLY.get():
+        if config.backbone_config is None:
+            raise ValueError(
+                f"this ript checkpoint has backbone={kind!r} but no backbone_config; it was not saved by "
+                "lerobot-ript. Rebuild it from the LeRobot checkpoint with --policy.backbone_path."
+            )
+        vla_config = draccus.decode(PreTrainedConfig, config.backbone_config)
+        _apply_switches(vla_config, config)
+        return get_policy_class(kind)(vla_config)
+    path = config.backbone_path
+    if path is None:
+        raise ValueError(f"backbone={kind!r} needs --policy.backbone_path=<a LeRobot {kind} checkpoint>.")
+    vla_config = PreTrainedConfig.from_pretrained(path)
+    if vla_config.type != kind:
+        raise ValueError(
+            f"policy.backbone_path={path} holds a {vla_config.type!r} policy but backbone={kind!r}; set "
+            f"--policy.backbone={vla_config.type} or point backbone_path at a {kind} checkpoint."
+        )
+    _apply_switches(vla_config, config)
+    check_fits(config, vla_config, path)
+    weights = _resolve_weights(path)
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):  # LeRobot's pi loaders print their progress
+        policy = get_policy_class(kind).from_pretrained(path, config=vla_config)
+    for line in captured.getvalue().splitlines():
+        logger.debug("%s loader: %s", kind, line)
+    _check_weights_loaded(policy, weights, path)
+    config.backbone_config = draccus.encode(vla_config, PreTrainedConfig)
+    logger.info("Wrapped the %s checkpoint %s (%d parameters).", kind, path, _num_params(policy))
+    return policy
+
+
+def _apply_switches(vla_config, config) -> None:
+    """The ript config's device and LeRobot training switches (None = the checkpoint's) onto the VLA config."""
+    vla_config.device = config.device
+    for name, vla_name in (
+        ("freeze_vision_encoder", "freeze_vision_encoder"),
+        ("train_expert_only", "train_expert_only"),
+        ("gradient_checkpointing", "gradient_checkpointing"),
+        ("vla_dtype", "dtype"),
+    ):
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if not hasattr(vla_config, vla_name):
+            raise ValueError(
+                f"policy.{name}={value}: the {config.backbone} config has no '{vla_name}' switch; leave it unset."
+            )
+        setattr(vla_config, vla_name, value)
+
+
+def check_fits(config, vla_config, path: str) -> None:
+    """Fail before training when the wrapped checkpoint cannot take the env's (the dataset's) inputs / outputs."""
+    from lerobot.utils.constants import ACTION, OBS_STATE
+
+    ckpt_action = int(vla_config.output_features[ACTION].shape[0])
+    if ckpt_action != config.action_dim:
+        raise ValueError(
+            f"the {config.backbone} checkpoint {path} predicts {ckpt_action}-dim actions but the env / dataset has "
+            f"{config.action_dim}-dim actions. RIPT fine-tunes a policy on the robot it was trained for: use a "
+            f"checkpoint fine-tuned on this robot's action space (action size {config.action_dim})."
+        )
+    ckpt_state = vla_config.input_features.get(OBS_STATE)
+    if ckpt_state is not None and config.robot_state_feature is not None:
+        want = int(ckpt_state.shape[0])
+        if want != config.state_dim:
+            raise ValueError(
+                f"the {config.backbone} checkpoint {path} reads a {want}-dim observation.state but the policy "
+                f"gets {config.state_dim} dims. Set --policy.target_state_dim={want}: the state adapter step "
+                f"(ript_state_dim_adapter) then zero-pads or truncates the env's state to {want} before the "
+                "checkpoint's normaliser."
+            )
+    ckpt_images = set(vla_config.image_features)
+    if ckpt_images and not ckpt_images & set(config.image_features):
+        raise ValueError(
+            f"the {config.backbone} checkpoint {path} reads the cameras {sorted(ckpt_images)} but the env / "
+            f"dataset gives {sorted(config.image_features) or 'no camera'}. Render the camera(s) it was trained "
+            "on (metaworld_state: --env.obs_type=state_pixels --env.cameras=...) or rename the keys."
+        )
+    if int(vla_config.chunk_size) != config.chunk_size:
+        raise ValueError(
+            f"the {config.backbone} checkpoint {path} predicts chunks of {vla_config.chunk_size} actions but "
+            f"policy.chunk_size={config.chunk_size}; set --policy.chunk_size={vla_config.chunk_size} (and "
+            f"--policy.n_action_steps <= {vla_config.chunk_size})."
+        )
+
+
+def _resolve_weights(path: str) -> Path:
+    """The checkpoint's model.safetensors, local or downloaded; a clear error instead of a random model."""
+    local = Path(path)
+    if local.is_dir():
+        file = local / "model.safetensors"
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{path} has no model.safetensors: it is not a LeRobot policy checkpoint."
+            )
+        return file
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(path, "model.safetensors"))
+    except Exception as err:  # any Hub failure: say what to do instead
+        raise FileNotFoundError(
+            f"could not fetch model.safetensors of {path!r} from the Hub ({type(err).__name__}: {err}). Pass a "
+            "local checkpoint directory as --policy.backbone_path on a machine without Hub access."
+        ) from err
+
+
+def _check_weights_loaded(policy: nn.Module, weights: Path, path: str, probes: int = 8) -> None:
+    """LeRobot's pi0 / pi05 `from_pretrained` return a RANDOM model when loading fails; compare a few tensors."""
+    from safetensors import safe_open
+
+    state = policy.state_dict()
+    checked = 0
+    with safe_open(str(weights), framework="pt") as f:
+        for key in list(f.keys()):
+            name = key if key in state else f"model.{key}"
+            if name not in state or tuple(state[name].shape) != tuple(f.get_slice(key).get_shape()):
+                continue
+            if not torch.equal(state[name].float().cpu(), f.get_tensor(key).float()):
+                raise RuntimeError(
+                    f"the {path} weights were not loaded into the {type(policy).__name__} ('{name}' differs from "
+                    "the file): LeRobot returned a randomly initialised model. Check the checkpoint and the "
+                    "installed LeRobot / transformers versions."
+                )
+            checked += 1
+            if checked >= probes:
+                break
+    if checked == 0:
+        raise RuntimeError(f"no tensor of {weights} matches the {type(policy).__name__}'s parameters.")
+
+
+def _num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def zero_linear(in_features: int, out_features: int) -> nn.Linear:
+    """A Linear layer initialised to zero (the label path: no effect on the wrapped model at start)."""
+    layer = nn.Linear(in_features, out_features)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def repeat_cache(cache, repeats: int):
+    """A transformers DynamicCache whose every layer's keys / values are tiled `repeats` times along the batch
+    (new storage), as `torch.repeat` tiles the other context tensors: rows [c, c, ...] not interleaved."""
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache(
+        tuple(
+            (keys.repeat(repeats, 1, 1, 1), values.repeat(repeats, 1, 1, 1), window)
+            for keys, values, window in cache
+        )
+    )
+
+
+def repeat_rows(x: Tensor | None, repeats: int) -> Tensor | None:
+    """x tiled `repeats` times along dim 0 (new storage); None stays None."""
+    if x is None:
+        return None
+    return x.repeat(repeats, *([1] * (x.dim() - 1)))
