@@ -336,7 +336,6 @@ def test_reload_is_strict(checkpoints, tmp_path):
 def test_mismatches_fail_with_the_fix(checkpoints, tmp_path):
     from lerobot.configs import FeatureType, PolicyFeature
 
-    from lerobot_ript.policy.configuration_ript import RiptConfig
     from lerobot_ript.policy.modeling_ript import RiptPolicy
 
     path = checkpoints["pi05"]
@@ -360,7 +359,7 @@ def test_mismatches_fail_with_the_fix(checkpoints, tmp_path):
     with pytest.raises(ValueError, match=r"holds a 'pi05' policy"):
         RiptPolicy(ript_config("pi0", path))
     with pytest.raises(ValueError, match=r"--policy.backbone_path="):
-        RiptConfig(backbone="smolvla", device="cpu")
+        RiptPolicy(ript_config("smolvla", checkpoints["smolvla"], backbone_path=None))
     (tmp_path / "config.json").write_text((path / "config.json").read_text())  # a config, no weights
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         RiptPolicy(ript_config("pi05", path, backbone_path=str(tmp_path)))

@@ -164,11 +164,6 @@ class RiptConfig(PreTrainedConfig):
             raise _choice_error("objective", self.objective, OBJECTIVES)
         if self.backbone not in BACKBONES:
             raise _choice_error("backbone", self.backbone, BACKBONES)
-        if self.is_vla and self.backbone_path is None and self.backbone_config is None:
-            raise ValueError(
-                f"backbone={self.backbone!r} wraps a LeRobot {self.backbone} checkpoint: set "
-                f"--policy.backbone_path=<a local directory or a Hub id of a {self.backbone} policy>."
-            )
         if self.backbone_config is not None and self.backbone_config.get("type") != self.backbone:
             raise ValueError(
                 f"backbone_config is a {self.backbone_config.get('type')!r} config but backbone={self.backbone!r}; "

@@ -76,7 +76,10 @@ def load_wrapped_policy(config) -> nn.Module:
         return get_policy_class(kind)(vla_config)
     path = config.backbone_path
     if path is None:
-        raise ValueError(f"backbone={kind!r} needs --policy.backbone_path=<a LeRobot {kind} checkpoint>.")
+        raise ValueError(
+            f"backbone={kind!r} wraps a LeRobot {kind} checkpoint: set --policy.backbone_path=<a local "
+            f"directory or a Hub id of a {kind} policy fine-tuned on this robot>."
+        )
     vla_config = PreTrainedConfig.from_pretrained(path)
     if vla_config.type != kind:
         raise ValueError(
