@@ -31,6 +31,7 @@ from lerobot_ript.envs.metaworld import (
     _make_frozen_env,
     make_vector_env,
     scripted_expert,
+    task_instruction,
 )
 from lerobot_ript.rollout.collector import GroupedCollector, SeedSampler, make_chunk_policy
 from lerobot_ript.rollout.evaluate import evaluate, wilson_interval
@@ -763,6 +764,97 @@ def test_collector_runs_a_real_ript_policy_in_batched_chunks(ript_policy, pool):
     assert_consistent(result, 2)
     assert calls == [4, 4]  # two chunks of 4 steps, both slots in each call
     assert all(ep.num_frames == 8 and np.isfinite(ep.actions).all() for ep in result.episodes)
+
+
+def test_make_chunk_policy_sends_the_instruction_as_task_and_the_small_backbone_ignores_it(ript_policy, pool):
+    """With `task`, the batch handed to the preprocessor carries the instruction once per row (as LeRobot's
+    rollout sends it) and the preprocessor passes it on to the policy; the small backbone's actions are the same
+    with and without it."""
+    policy, pre, post, _ = ript_policy
+    env = pool.factory(3)()
+    try:
+        obs, _ = env.reset(seed=[1, 2, 3])
+    finally:
+        pool.give_back(env)
+    seen = []
+
+    def spy(batch):
+        seen.append(dict(batch))
+        return pre(batch)
+
+    instruction = task_instruction(TASK)
+    chunks = []
+    for task in (instruction, None):
+        act = make_chunk_policy(policy, spy, post, guidance_scale=1.5, n_action_steps=4, task=task)
+        torch.manual_seed(7)
+        chunks.append(act(obs))
+    assert seen[0]["task"] == [instruction] * 3 and "task" not in seen[1]
+    assert pre(seen[0])["task"] == [instruction] * 3  # what reaches predict_action_chunk
+    np.testing.assert_array_equal(chunks[0], chunks[1])
+
+
+def test_collector_records_camera_frames_aligned_with_states_and_the_instruction(initial_state):
+    """record_images on a state_pixels env: every episode keeps its own sub-env's frames (frame t: the images
+    before action t, the same as a fresh env replaying the actions renders), uint8 (T, H, W, 3) per camera; its
+    `task` is the instruction while its init_hash keys on the task name."""
+    size, steps, seed = 16, 6, 5
+    cfg = MetaWorldStateEnvConfig(
+        task=TASK,
+        episode_length=ENV_HORIZON,
+        obs_type="state_pixels",
+        image_size=size,
+        cameras="corner2,topview",
+    )
+    collector = GroupedCollector(
+        lambda: make_vector_env(cfg, 2),
+        GroupPolicy(2, n_steps=3, seed=4),
+        task=TASK,
+        instruction=task_instruction(TASK),
+        group_size=2,
+        num_slots=1,
+        goal_rollouts=2,
+        max_groups=1,
+        seed_sampler=SeedList([seed]),
+        dynamic_sampling=False,
+        max_episode_steps=steps,
+        record_images=True,
+    )
+    try:
+        episodes = collector.collect().episodes
+    finally:
+        collector.close()
+    replay = MetaWorldStateEnv(TASK, obs_type="state_pixels", image_size=size, cameras=("corner2", "topview"))
+    try:
+        for ep in episodes:
+            assert ep.task == "Push the puck to a goal"
+            assert ep.init_hash == init_hash_of(TASK, initial_state(seed))
+            assert sorted(ep.images) == ["corner2", "topview"]
+            ep.validate(with_advantages=True)  # uint8 (T, H, W, 3), T = the episode's frames
+            obs, _ = replay.reset(seed=seed)
+            for t in range(ep.num_frames):
+                for cam in ("corner2", "topview"):
+                    np.testing.assert_array_equal(ep.images[cam][t], obs["pixels"][cam])
+                obs, *_ = replay.step(ep.actions[t])
+            assert ep.images["corner2"].shape == (steps, size, size, 3)
+            assert not np.array_equal(ep.images["corner2"][0], ep.images["corner2"][-1])  # the arm moved
+    finally:
+        replay.close()
+    assert not np.array_equal(episodes[0].images["corner2"][-1], episodes[1].images["corner2"][-1])
+
+
+def test_record_images_without_camera_observations_fails_with_a_fix(pool):
+    with grouped_collector(
+        pool,
+        GroupPolicy(2),
+        group_size=2,
+        num_slots=1,
+        goal_rollouts=2,
+        max_groups=1,
+        seed_sampler=SeedSampler(1),
+        record_images=True,
+    ) as collector:
+        with pytest.raises(ValueError, match="no 'pixels'.*obs_type='state_pixels'"):
+            collector.collect()
 
 
 # ------------------------------------------------------------------------------------------- evaluate

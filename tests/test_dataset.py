@@ -65,8 +65,10 @@ def test_action_chunks_stay_in_their_episode_edge_padded_with_mask():
             row += 1
     # a single frame reads the same as its row of a batch
     one = ds[8]
+    assert batch["task"] == [TASK] * len(ds) and one["task"] == TASK  # EpisodeRecord.task, one per row
     for key, value in batch.items():
-        assert torch.equal(one[key], value[8]), key
+        if key != "task":
+            assert torch.equal(one[key], value[8]), key
 
 
 def test_demos_are_labelled_good_and_rollouts_keep_their_advantage():
@@ -109,6 +111,7 @@ def test_rollouts_written_with_advantages_load_with_per_frame_advantages(tmp_pat
     in_memory.add_episodes(rollouts)
     a, b = all_frames(from_disk), all_frames(in_memory)
     assert a.keys() == b.keys()
+    assert a.pop("task") == b.pop("task") == [TASK] * len(from_disk)  # the task column, per frame
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
     assert [from_disk.episodes_of(c).tolist() for c in ("good", "bad", "neutral")] == [[0, 2], [1], [3]]
@@ -190,11 +193,98 @@ def test_plain_lerobot_dataset_loads_as_demos_with_camera_frames(tiny_dataset_fa
     batch = ds.get_batch(indices)
     assert batch["advantages"].tolist() == [1.0] * 4 and batch["advantage_weights"].tolist() == [1.0] * 4
     assert batch["init_hash"].tolist() == [-1] * 4
+    assert batch["observation.images.top"].dtype == torch.uint8  # as in memory; the policy makes it float
+    assert batch["task"] == ["tiny task"] * 4  # the datasets' per-frame task
     for row, (source, i) in enumerate([(first, 0), (first, 9), (second, 0), (second, 7)]):
-        item = source[i]
-        assert torch.equal(batch["observation.images.top"][row], item["observation.images.top"])
+        item = source[i]  # LeRobot decodes the PNG frame to float in [0, 1]: exactly k / 255
+        assert torch.equal(batch["observation.images.top"][row].float() / 255, item["observation.images.top"])
         torch.testing.assert_close(batch["observation.state"][row], item["observation.state"])
     assert batch["action_is_pad"].tolist() == [[False] * 3, [False, True, True]] * 2  # last frames: padded
+
+
+def with_images(ep: EpisodeRecord, cameras=("corner2", "topview"), hw=(6, 8), task: str | None = None):
+    """`ep` with random uint8 camera frames (T, H, W, 3) per camera (seeded by its first action) and `task`."""
+    rng = np.random.default_rng(int(ep.actions[0, 0]))
+    ep.images = {c: rng.integers(0, 256, (ep.num_frames, *hw, 3), dtype=np.uint8) for c in cameras}
+    if task is not None:
+        ep.task = task
+    return ep
+
+
+def test_camera_frames_and_tasks_of_episodes_in_memory_reach_the_batch_as_uint8_chw():
+    """EpisodeRecord.images are kept (not copied) and each row gets its own frame as uint8 (3, H, W), the layout
+    of a LeRobot dataset; `task` is each row's EpisodeRecord.task."""
+    episodes = [with_images(episode(0, 4, 1.0), task="push it"), with_images(episode(1, 3, -1.0), task="b")]
+    ds = RiptDataset(chunk_size=2)
+    ds.add_episodes(episodes)
+    indices = torch.tensor([6, 0, 3, 4])  # (episode, frame): (1, 2), (0, 0), (0, 3), (1, 0)
+    batch = ds.get_batch(indices)
+    assert batch["task"] == ["b", "push it", "push it", "b"]
+    for cam in ("corner2", "topview"):
+        images = batch[f"observation.images.{cam}"]
+        assert images.dtype == torch.uint8 and images.shape == (4, 3, 6, 8)
+        for row, (e, t) in enumerate([(1, 2), (0, 0), (0, 3), (1, 0)]):
+            np.testing.assert_array_equal(images[row].permute(1, 2, 0).numpy(), episodes[e].images[cam][t])
+    assert np.shares_memory(ds._images[0]["observation.images.corner2"], episodes[0].images["corner2"])
+    one = ds[6]
+    assert one["task"] == "b" and torch.equal(
+        one["observation.images.topview"], batch["observation.images.topview"][0]
+    )
+
+
+def test_camera_frames_and_tasks_from_disk_equal_those_in_memory(tmp_path):
+    """Demos come from a LeRobotDataset and rollouts from memory: written and read back, the same episodes give
+    the same uint8 frames and the same `task` strings (the dataset's per-frame task column)."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    episodes = [
+        with_images(episode(e, n, None), task=t) for e, (n, t) in enumerate([(5, "a"), (4, "b"), (3, "a")])
+    ]
+    write_episodes(episodes, tmp_path / "demos", "local/demos", FPS, with_advantages=False)
+    from_disk = RiptDataset(chunk_size=3)
+    from_disk.add_lerobot_dataset(LeRobotDataset("local/demos", root=tmp_path / "demos"))
+    in_memory = RiptDataset(chunk_size=3)
+    in_memory.add_episodes(episodes)
+    a, b = all_frames(from_disk), all_frames(in_memory)
+    assert (
+        a.keys() == b.keys()
+        and {"observation.images.corner2", "observation.images.topview", "task"} <= a.keys()
+    )
+    assert a["task"] == b["task"] == ["a"] * 5 + ["b"] * 4 + ["a"] * 3
+    for key in ("observation.images.corner2", "observation.images.topview"):
+        assert a[key].dtype == b[key].dtype == torch.uint8
+        assert torch.equal(a[key], b[key])
+
+
+def test_mixing_episodes_with_and_without_camera_frames_fails_with_a_message(tiny_dataset_factory):
+    mixed = RiptDataset(chunk_size=2)
+    mixed.add_episodes([with_images(episode(0, 3, 1.0)), episode(1, 3, -1.0)])
+    with pytest.raises(ValueError, match="mixing episodes with and without camera frames.*same cameras"):
+        mixed.get_batch(torch.tensor([0]))  # even a batch of image rows only: the dataset is refused
+    other_cameras = RiptDataset(chunk_size=2)
+    other_cameras.add_lerobot_dataset(
+        tiny_dataset_factory(
+            cameras=("top",),
+            state_dim=STATE_DIM,
+            action_dim=ACTION_DIM,
+            episodes=1,
+            frames=3,
+            image_hw=(6, 8),
+        )
+    )
+    other_cameras.add_episodes([with_images(episode(1, 3, 1.0), cameras=("corner2",))])
+    with pytest.raises(ValueError, match=r"observation\.images\.corner2.*observation\.images\.top"):
+        EpisodeBalancedSampler(other_cameras, EpisodeShares(), torch.Generator())
+    sizes = RiptDataset(chunk_size=2)
+    sizes.add_episodes([with_images(episode(0, 3, 1.0)), with_images(episode(1, 3, 1.0), hw=(8, 8))])
+    with pytest.raises(ValueError, match="same image size"):
+        sizes.get_batch(torch.tensor([0, 3]))
+    untasked = episode(1, 3, 1.0)
+    untasked.task = None
+    no_task = RiptDataset(chunk_size=2)
+    no_task.add_episodes([episode(0, 3, 1.0), untasked])
+    with pytest.raises(ValueError, match="1 of 2 episodes have no task"):
+        no_task.get_batch(torch.tensor([0]))
 
 
 def test_advantages_column_written_by_lerobot_is_read_per_episode(tiny_dataset_factory):

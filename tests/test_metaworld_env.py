@@ -11,10 +11,12 @@ import pytest
 pytest.importorskip("metaworld")
 
 from lerobot_ript.envs.metaworld import (  # noqa: E402
+    TASK_INSTRUCTIONS,
     MetaWorldStateEnv,
     MetaWorldStateEnvConfig,
     make_vector_env,
     scripted_expert,
+    task_instruction,
     valid_tasks,
 )
 
@@ -101,6 +103,25 @@ def test_unknown_task_lists_valid_tasks_and_suggests():
         scripted_expert("push-v2")
 
 
+def test_every_task_has_lerobots_instruction_and_the_env_describes_itself_with_it(env):
+    """One instruction per MetaWorld v3 task, the same strings as LeRobot's own metaworld env and datasets; the
+    env's task_description is the instruction while its task (the key of init_hash) stays the name."""
+    import json
+    from pathlib import Path
+
+    import lerobot.envs
+
+    assert sorted(TASK_INSTRUCTIONS) == valid_tasks()
+    assert all(isinstance(v, str) and v.strip() == v and len(v) > 5 for v in TASK_INSTRUCTIONS.values())
+    lerobot_table = json.loads((Path(lerobot.envs.__file__).parent / "metaworld_config.json").read_text())
+    assert TASK_INSTRUCTIONS == lerobot_table["TASK_DESCRIPTIONS"]
+    assert task_instruction("push-v3") == "Push the puck to a goal"
+    assert task_instruction("door-open-v3") == "Open a door with a revolving joint"
+    with pytest.raises(ValueError, match="Did you mean 'push-v3'"):
+        task_instruction("psh-v3")
+    assert env.task == TASK and env.task_description == "Push the puck to a goal"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -178,6 +199,7 @@ def test_make_env_through_lerobot_factory_with_per_env_seeds(env):
         np.testing.assert_array_equal(obs_again["agent_pos"][1], env.reset(seed=5)[0]["agent_pos"])
         assert vec.call("_max_episode_steps") == (3, 3, 3)
         assert vec.call("task") == (TASK,) * 3
+        assert vec.call("task_description") == (task_instruction(TASK),) * 3  # what lerobot-eval sends
     finally:
         vec.close()
     features = env_to_policy_features(cfg)
@@ -189,7 +211,8 @@ def test_make_env_through_lerobot_factory_with_per_env_seeds(env):
 
 
 def test_lerobot_rollout_runs_the_vector_env():
-    """LeRobot's own `rollout` drives the env: success is reported and finished sub-envs stay done."""
+    """LeRobot's own `rollout` drives the env: success is reported, finished sub-envs stay done, and every
+    policy call gets the env's instruction as the batch's `task` (what a VLA's tokenizer reads)."""
     import torch
     from lerobot.processor import (
         PolicyProcessorPipeline,
@@ -199,12 +222,14 @@ def test_lerobot_rollout_runs_the_vector_env():
     from lerobot.scripts.lerobot_eval import rollout
 
     expert = scripted_expert(TASK)
+    tasks = []
 
     class ExpertPolicy(torch.nn.Module):
         def reset(self):
             pass
 
         def select_action(self, batch):
+            tasks.append(batch["task"])
             states = batch["observation.state"].numpy()
             return torch.from_numpy(np.stack([expert(s) for s in states]))
 
@@ -221,6 +246,7 @@ def test_lerobot_rollout_runs_the_vector_env():
     done = out["done"]
     assert done[:, -1].all() and done.shape[1] < 120  # all ended on success before the horizon
     assert (done.int().diff(dim=1) >= 0).all()
+    assert len(tasks) == done.shape[1] and all(t == ["Push the puck to a goal"] * 2 for t in tasks)
 
 
 def test_importing_the_package_does_not_import_the_simulator():

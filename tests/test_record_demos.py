@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("metaworld")
 
@@ -46,7 +47,9 @@ def test_record_three_noisy_push_demos(tmp_path):
     assert len(set(hashes)) == 3  # seeds 0, 1, 2: three initial states
     actions = np.concatenate([np.stack(a) for a in _episode_columns(dataset, "action")])
     assert np.abs(actions).max() <= 1.0
-    assert dataset[0]["task"] == "push-v3"
+    assert (
+        dataset[0]["task"] == "Push the puck to a goal"
+    )  # the instruction; init_hash above keys on the name
 
 
 def test_cli_records_and_is_reproducible(tmp_path):
@@ -69,3 +72,31 @@ def test_invalid_arguments_fail_fast(tmp_path):
     with pytest.raises(ValueError, match="Did you mean 'push-v3'"):
         record_demos("push-v4", 1, 0.3, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_state_pixels_demos_record_the_envs_cameras_and_image_size(tmp_path):
+    """--obs-type state_pixels with --cameras and --image-size: the dataset has one image column per camera, at
+    that size, and frame t holds the image a fresh env renders before action t (what the rollouts record)."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from lerobot_ript.envs.metaworld import MetaWorldStateEnv
+
+    cameras = ("corner2", "topview")
+    root = tmp_path / "demos"
+    args = ["--episodes", "1", "--episode-length", "5", "--obs-type", "state_pixels", "--image-size", "16"]
+    assert main([*args, "--cameras", "corner2, topview", "--output", str(root)]) == 0
+    dataset = LeRobotDataset("local/push-v3-demos", root=root)
+    assert dataset.meta.camera_keys == [f"observation.images.{c}" for c in cameras]
+    assert all(tuple(dataset.features[k]["shape"]) == (16, 16, 3) for k in dataset.meta.camera_keys)
+    env = MetaWorldStateEnv("push-v3", obs_type="state_pixels", image_size=16, cameras=cameras)
+    try:
+        obs, _ = env.reset(seed=0)
+        for t in range(dataset.num_frames):
+            item = dataset[t]
+            for cam in cameras:
+                stored = (item[f"observation.images.{cam}"] * 255).round().to(torch.uint8).permute(1, 2, 0)
+                np.testing.assert_array_equal(stored.numpy(), obs["pixels"][cam])
+            obs, *_ = env.step(item["action"].numpy())
+    finally:
+        env.close()
+    assert dataset[0]["task"] == "Push the puck to a goal"

@@ -5,7 +5,9 @@
   push to a local Hub server (tests/hub_server.py), and a run whose Hub is down;
 - `lerobot-eval` on a checkpoint (slow);
 - exact resume after SIGKILL and atomic checkpoints under fault injection (slow);
-- `update_step`: gradient accumulation equals one big batch, one optimizer step per call.
+- `update_step`: gradient accumulation equals one big batch, one optimizer step per call;
+- a policy that reads camera images: one iteration of the loop in-process on state_pixels push-v3 (images and
+  the instruction in every batch), and the rules around it (env cameras, replay without frames).
 
 Each CLI run takes 20-45 s on a 2-core machine (mostly imports, demo recording, env builds and evaluation), so
 one debug run is shared by several tests (`debug_run`, module scope), each checking one concern. The 2-process
@@ -32,6 +34,8 @@ import pytest
 import torch
 from hub_server import LocalHubServer
 from safetensors.torch import load_file
+
+from lerobot_ript.data.writer import EpisodeRecord
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEBUG_YAML = REPO_ROOT / "configs" / "debug.yaml"
@@ -202,6 +206,11 @@ def files_containing(root: Path, needle: str) -> list[str]:
                 "--data.episode_weighting=uniform",
             ],
         ),
+        (
+            # state_pixels: the recorded demos, so the policy, have camera images, which the replay drops
+            ["--env.obs_type=state_pixels", "--data.replay_iterations=2"],
+            ["data.replay_iterations=2", "without camera frames", "--data.replay_iterations=1"],
+        ),
     ],
     ids=[
         "unknown-cli-key",
@@ -218,6 +227,7 @@ def files_containing(root: Path, needle: str) -> list[str]:
         "bad-guidance-without-bad-frames",
         "repel-without-bad-frames",
         "weighted-with-advantage-draws",
+        "image-policy-replay",
     ],
 )
 def test_invalid_config_fails_fast_with_value_rule_and_fix(args, expected):
@@ -907,3 +917,170 @@ def test_state_sampling_signal_builds_a_curriculum_restored_from_the_run_state(f
     # the defaults since the eighth learning measurement: the curriculum and RLOO-weighted draws of successes
     assert RiptTrainConfig().rollout.state_sampling == "signal"
     assert RiptTrainConfig().data.episode_weighting == "advantage"
+
+
+# ------------------------------------------------------------------ 9. policies that read camera images
+def test_image_inputs_need_an_env_that_renders_them():
+    from lerobot_ript.envs.metaworld import MetaWorldStateEnvConfig
+    from lerobot_ript.train.config import RiptTrainConfig, check_image_inputs
+
+    cfg = RiptTrainConfig()
+    check_image_inputs(cfg, [])  # a state-only policy needs nothing
+    with pytest.raises(ValueError, match=r"renders none\. Set --env\.obs_type=state_pixels"):
+        check_image_inputs(cfg, ["observation.images.corner2"])
+    cfg.env = MetaWorldStateEnvConfig(obs_type="state_pixels", cameras="corner2")
+    check_image_inputs(cfg, ["observation.images.corner2"])
+    with pytest.raises(ValueError, match=r"\['observation\.images\.topview'\].*--env\.cameras="):
+        check_image_inputs(cfg, ["observation.images.corner2", "observation.images.topview"])
+
+
+def test_concat_batches_joins_task_lists_and_refuses_parts_with_different_keys():
+    from lerobot_ript.train.loop import concat_batches
+
+    demo = {"observation.state": torch.zeros(2, 3), "task": ["a", "a"]}
+    rollout = {"observation.state": torch.ones(1, 3), "task": ["b"]}
+    batch = concat_batches([demo, rollout])
+    assert batch["task"] == ["a", "a", "b"] and batch["observation.state"][:, 0].tolist() == [0, 0, 1]
+    with_images = {**demo, "observation.images.corner2": torch.zeros(2, 3, 4, 4, dtype=torch.uint8)}
+    with pytest.raises(
+        ValueError, match=r"only in demos: \['observation\.images\.corner2'\].*obs_type=state_pixels"
+    ):
+        concat_batches([with_images, rollout])
+
+
+def _rollout(e: int, length: int, images: bool) -> EpisodeRecord:
+    rng = np.random.default_rng(e)
+    return EpisodeRecord(
+        task="Push the puck to a goal",
+        states=rng.normal(size=(length, 39)).astype(np.float32),
+        actions=rng.uniform(-1, 1, (length, 4)).astype(np.float32),
+        rewards=np.zeros(length, np.float32),
+        success=e % 2 == 0,
+        init_hash=100 + e,
+        advantage=1.0 if e % 2 == 0 else -1.0,
+        images={"corner2": rng.integers(0, 256, (length, 4, 4, 3), dtype=np.uint8)} if images else None,
+    )
+
+
+def test_replay_trains_this_iterations_camera_frames_and_serialises_none():
+    """The replay buffer saved in checkpoints is JSON without camera frames; the rollouts trained on are the
+    earlier iterations' (from it) followed by this iteration's episodes as collected, with their frames. For
+    state-only rollouts that is the same dataset as one rebuilt entirely from the buffer (resume stays exact)."""
+    from types import SimpleNamespace
+
+    from lerobot_ript.train.loop import RunState, _ep_from_dict, _ep_to_dict, _replay_dataset
+
+    run = SimpleNamespace(
+        model=SimpleNamespace(config=SimpleNamespace(chunk_size=2, target_state_dim=None)), state=RunState()
+    )
+    current, weights = [_rollout(0, 3, True), _rollout(1, 4, True)], [1.0, 0.0]
+    run.state.replay = [[_ep_to_dict(e, w) for e, w in zip(current, weights, strict=True)]]
+    saved = json.loads(json.dumps(run.state.replay))  # what a checkpoint holds
+    assert saved == run.state.replay and "images" not in saved[0][0]
+    assert saved[0][0]["task"] == "Push the puck to a goal" and saved[0][0]["init_hash"] == 100
+    batch = _replay_dataset(run, current, weights).get_batch(torch.arange(7))
+    frames = np.concatenate([e.images["corner2"] for e in current])  # (7, 4, 4, 3)
+    np.testing.assert_array_equal(batch["observation.images.corner2"].permute(0, 2, 3, 1).numpy(), frames)
+    assert (
+        batch["task"] == ["Push the puck to a goal"] * 7
+        and batch["advantage_weights"].tolist() == [1.0] * 3 + [0.0] * 4
+    )
+
+    earlier = [_rollout(2, 2, False)]
+    current = [_rollout(3, 3, False)]
+    run.state.replay = [[_ep_to_dict(earlier[0], 0.5)], [_ep_to_dict(current[0], 0.0)]]
+    ours = _replay_dataset(run, current, [0.0]).get_batch(torch.arange(5))
+    from lerobot_ript.data.dataset import RiptDataset
+
+    rebuilt = RiptDataset(2)
+    entries = [e for it in run.state.replay for e in it]
+    rebuilt.add_episodes([_ep_from_dict(e) for e in entries], weights=[e["weight"] for e in entries])
+    theirs = rebuilt.get_batch(torch.arange(5))
+    assert ours.keys() == theirs.keys() and ours.pop("task") == theirs.pop("task")
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_loop_trains_an_image_policy_on_rendered_demos_and_rollouts(
+    fresh_accelerate_state, tmp_path, monkeypatch
+):
+    """One real iteration on state_pixels push-v3 (16 px): the loop records 2 demos with the env's camera, the
+    small backbone reads it, the collector records the rollouts' frames, every training batch holds uint8 camera
+    frames and the instruction, rollout rows hold frames the collector recorded, every rollout and evaluation
+    call sends the instruction, and the checkpoint is an image policy."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    import lerobot_ript.train.loop as loop
+    from lerobot_ript.train.cli import parse_config
+
+    instruction, key = "Push the puck to a goal", "observation.images.corner2"
+    out = tmp_path / "out"
+    cfg = parse_config(
+        [
+            "--config_path",
+            str(DEBUG_YAML),
+            f"--output_dir={out}",
+            *TINY,
+            "--num_train_steps=1",
+            "--data.num_demos=2",
+            "--env.obs_type=state_pixels",
+            "--env.image_size=16",
+            "--policy.image_size=[16,16]",
+            "--advantage.estimator=success",  # every rollout fails: labelled bad, so trained with bad_share
+            "--data.good_share=0.5",
+            "--data.bad_share=0.5",
+            "--data.save_rollouts=true",
+        ]
+    )
+    batches, results, chunk_tasks = [], [], []
+    real_update, real_collect, real_chunk_policy = loop.update_step, loop.collect, loop.make_chunk_policy
+
+    def update_step(policy, micro_batches, *args, **kwargs):
+        batches.extend(micro_batches)
+        return real_update(policy, micro_batches, *args, **kwargs)
+
+    def collect(run, collector):
+        results.append(real_collect(run, collector))
+        assert collector.record_images
+        return results[-1]
+
+    def make_chunk_policy(*args, **kwargs):
+        chunk_tasks.append(kwargs.get("task"))
+        return real_chunk_policy(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "update_step", update_step)
+    monkeypatch.setattr(loop, "collect", collect)
+    monkeypatch.setattr(loop, "make_chunk_policy", make_chunk_policy)
+    threads = torch.get_num_threads()
+    try:
+        run = loop.train(cfg, loop.build_accelerator(cfg))
+    finally:
+        torch.set_num_threads(threads)
+
+    assert list(run.model.config.image_features) == [key]
+    assert chunk_tasks == [instruction] * 3  # eval at start, the rollouts, the final eval
+    (result,) = results
+    episodes = result.all_episodes
+    assert len(episodes) == 2 and all(not ep.success for ep in episodes)
+    recorded = set()
+    for ep in episodes:
+        assert ep.task == instruction and ep.images[key.split(".")[-1]].shape == (ep.num_frames, 16, 16, 3)
+        recorded |= {frame.tobytes() for frame in ep.images["corner2"]}
+    assert len(batches) == 3  # 2 SFT steps, 1 RIPT step, 8 frames each
+    for batch in batches:
+        assert batch[key].dtype == torch.uint8 and batch[key].shape == (8, 3, 16, 16)
+        assert batch["task"] == [instruction] * 8
+    rollout_rows = batches[-1]["advantages"] < 0  # demos are +1, the failed rollouts -1
+    assert rollout_rows.sum() == 4
+    for image in batches[-1][key][rollout_rows]:
+        assert image.permute(1, 2, 0).contiguous().numpy().tobytes() in recorded
+
+    demos = LeRobotDataset("local/push-v3-demos", root=out / "demos")
+    assert demos.meta.camera_keys == [key] and demos[0]["task"] == instruction
+    (saved,) = (out / "rollouts").iterdir()
+    rollouts = LeRobotDataset("local/debug-rollouts", root=saved)
+    assert rollouts.meta.camera_keys == [key] and rollouts[0]["task"] == instruction
+    config = json.loads((ckpt(out, "last") / "config.json").read_text())
+    assert config["input_features"][key] == {"type": "VISUAL", "shape": [3, 16, 16]}
+    state = json.loads((out / "checkpoints" / "last" / "training_state" / "ript_state_0.json").read_text())
+    assert state["iteration"] == 1 and state["replay"][0][0]["task"] == instruction

@@ -3,8 +3,12 @@
 Frames come from LeRobotDatasets (demos, rollouts written by `write_episodes`, or any dataset that already
 has an `advantages` column) or straight from in-memory `EpisodeRecord`s. State and action columns are held
 in memory, so a training batch is built by index arithmetic (the action chunk of frame i is
-actions[i : i + chunk_size] inside its episode, edge-padded, with an `action_is_pad` mask); camera frames are
-read from the source LeRobotDataset on demand.
+actions[i : i + chunk_size] inside its episode, edge-padded, with an `action_is_pad` mask). Camera frames are
+read from the source LeRobotDataset on demand, or taken from the `EpisodeRecord.images` kept in memory (by
+reference, for as long as the episode is in the dataset); either way a batch holds them as uint8 (B, 3, H, W),
+as LeRobot datasets store them (the policy converts them to float). Every episode of a dataset has the same
+cameras, or none. A batch also carries `task` (list[str], the language instruction of each row) when the
+episodes have one (`EpisodeRecord.task`, a LeRobotDataset's per-frame `task`).
 
 Every frame carries `advantages` (the raw signal whose sign is the optimality label: demos are +1) and
 `advantage_weights` (non-negative weights for the "weighted" objective: demos are 1).
@@ -20,6 +24,8 @@ from torch import Tensor
 
 from lerobot_ript.data.writer import EpisodeRecord
 from lerobot_ript.shapes import pad_or_truncate
+
+IMAGE_PREFIX = "observation.images."
 
 CATEGORIES = ("good", "bad", "neutral", "demo")
 FAILED_DEMOS = ("keep", "drop", "bad")  # what a demo episode whose `success` column is False becomes
@@ -63,7 +69,11 @@ class RiptDataset(torch.utils.data.Dataset):
         self._weight: list[float] = []  # per episode
         self._hash: list[int] = []  # per episode
         self._category: list[str] = []  # per episode
-        self._sources: list[tuple[_Source, int]] = []  # per episode: (source, first frame in source)
+        self._sources: list[tuple[_Source, int] | None] = []  # per episode: (source, first frame in source)
+        self._images: list[dict[str, np.ndarray] | None] = []  # per episode: key -> (T, H, W, 3) uint8
+        self._tasks: list[np.ndarray | None] = []  # per episode: (T,) indices into _task_names
+        self._task_names: list[str] = []
+        self._task_ids: dict[str, int] = {}
         self._built = False
 
     # ----- adding data -----
@@ -82,7 +92,15 @@ class RiptDataset(torch.utils.data.Dataset):
             demo = ep.advantage is None
             adv = 1.0 if demo else float(ep.advantage)
             w = (1.0 if demo else max(adv, 0.0)) if weights is None else float(weights[i])
-            self._add(ep.states, ep.actions, adv, w, ep.init_hash, "demo" if demo else _category(adv), None)
+            images = None
+            if ep.images:
+                images = {
+                    f"{IMAGE_PREFIX}{cam}": _check_frames(v, len(ep.states), cam, i)
+                    for cam, v in ep.images.items()
+                }
+            tasks = None if ep.task is None else np.full(len(ep.states), self._task_id(ep.task), np.int64)
+            cat = "demo" if demo else _category(adv)
+            self._add(ep.states, ep.actions, adv, w, ep.init_hash, cat, None, images=images, tasks=tasks)
 
     def add_lerobot_dataset(
         self, dataset, *, as_demo: bool | None = None, failed_demos: str = "keep"
@@ -113,6 +131,7 @@ class RiptDataset(torch.utils.data.Dataset):
             else None
         )
         source = _Source(dataset=dataset, offset=0) if dataset.meta.camera_keys else None
+        tasks = self._dataset_tasks(dataset, hf)  # (N,) indices into _task_names, or None
         bounds = np.flatnonzero(np.diff(ep_index)) + 1
         failed = (
             ~np.asarray(hf["success"], bool).reshape(-1)
@@ -129,10 +148,35 @@ class RiptDataset(torch.utils.data.Dataset):
             h = int(hashes[start]) if hashes is not None else -1
             cat = "demo" if adv is None else _category(a)
             self._add(
-                states[start:end], actions[start:end], a, w, h, cat, (source, int(start)) if source else None
+                states[start:end],
+                actions[start:end],
+                a,
+                w,
+                h,
+                cat,
+                (source, int(start)) if source else None,
+                tasks=None if tasks is None else tasks[start:end],
             )
 
-    def _add(self, states, actions, adv, weight, init_hash, category, source) -> None:
+    def _task_id(self, task: str) -> int:
+        if task not in self._task_ids:
+            self._task_ids[task] = len(self._task_names)
+            self._task_names.append(task)
+        return self._task_ids[task]
+
+    def _dataset_tasks(self, dataset, hf) -> np.ndarray | None:
+        """Per-frame task indices (N,) into _task_names from a LeRobotDataset's `task_index`; None without."""
+        if "task_index" not in hf.column_names or dataset.meta.tasks is None:
+            return None
+        table = dataset.meta.tasks  # index: the task strings; column task_index
+        theirs = np.asarray(table["task_index"], dtype=np.int64)
+        ours = np.full(int(theirs.max()) + 1 if len(theirs) else 0, -1, dtype=np.int64)
+        ours[theirs] = [self._task_id(str(name)) for name in table.index]
+        return ours[np.asarray(hf["task_index"], dtype=np.int64).reshape(-1)]
+
+    def _add(
+        self, states, actions, adv, weight, init_hash, category, source, *, images=None, tasks=None
+    ) -> None:
         states = np.asarray(states, np.float32)
         actions = np.asarray(actions, np.float32)
         if len(states) != len(actions) or len(states) == 0:
@@ -148,6 +192,8 @@ class RiptDataset(torch.utils.data.Dataset):
         self._hash.append(init_hash)
         self._category.append(category)
         self._sources.append(source)
+        self._images.append(images)
+        self._tasks.append(tasks)
         self._built = False
 
     # ----- indexing -----
@@ -159,6 +205,19 @@ class RiptDataset(torch.utils.data.Dataset):
         dims = {s.shape[1] for s in self._states}
         if len(dims) > 1:
             raise ValueError(f"episodes have state sizes {sorted(dims)}; set target_state_dim to mix robots.")
+        layouts = {self._camera_keys(e) for e in range(self.num_episodes)}
+        if len(layouts) > 1:
+            raise ValueError(
+                "mixing episodes with and without camera frames (or with different cameras) is not supported: "
+                f"the episodes have camera keys {sorted(sorted(k) for k in layouts)}. Record every demo and "
+                "rollout with the same cameras (MetaWorld: the same obs_type, cameras and image_size)."
+            )
+        with_task = {t is not None for t in self._tasks}
+        if len(with_task) > 1:
+            raise ValueError(
+                f"{sum(t is None for t in self._tasks)} of {self.num_episodes} episodes have no task string "
+                "(EpisodeRecord.task=None) and the others have one; give every episode its instruction or none."
+            )
         lengths = np.array([len(s) for s in self._states])
         self.ep_start = np.r_[0, np.cumsum(lengths)[:-1]]
         self.ep_end = self.ep_start + lengths
@@ -168,6 +227,9 @@ class RiptDataset(torch.utils.data.Dataset):
         self.episode_adv = torch.tensor(self._adv, dtype=torch.float32)
         self.episode_weight = torch.tensor(self._weight, dtype=torch.float32)
         self.episode_hash = torch.tensor(self._hash, dtype=torch.int64)
+        self.frame_task = (
+            torch.from_numpy(np.concatenate(self._tasks)) if self._tasks[0] is not None else None
+        )  # (N,) indices into _task_names
         self._built = True
 
     def __len__(self) -> int:
@@ -180,9 +242,10 @@ class RiptDataset(torch.utils.data.Dataset):
     def episodes_of(self, category: str) -> np.ndarray:
         return np.array([i for i, c in enumerate(self._category) if c == category], dtype=np.int64)
 
-    def get_batch(self, indices: Tensor) -> dict[str, Tensor]:
+    def get_batch(self, indices: Tensor) -> dict[str, Tensor | list[str]]:
         """Collated batch for frame indices (B,): state (B, S), action (B, chunk, A), action_is_pad (B, chunk),
-        advantages (B,), advantage_weights (B,), init_hash (B,), and camera images when the source has them."""
+        advantages (B,), advantage_weights (B,), init_hash (B,), camera images `observation.images.<cam>` uint8
+        (B, 3, H, W) when the episodes have them, and `task` (B strings) when they carry one."""
         self._build()
         indices = torch.as_tensor(indices, dtype=torch.long)
         ep = self.frame_episode[indices]  # (B,)
@@ -198,24 +261,45 @@ class RiptDataset(torch.utils.data.Dataset):
             "advantage_weights": self.episode_weight[ep],
             "init_hash": self.episode_hash[ep],
         }
-        batch.update(self._images(indices, ep))
+        batch.update(self._frames(indices, ep))
+        if self.frame_task is not None:
+            batch["task"] = [self._task_names[t] for t in self.frame_task[indices].tolist()]
         return batch
 
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
+    def __getitem__(self, index: int) -> dict[str, Tensor | str]:
         return {k: v[0] for k, v in self.get_batch(torch.tensor([index])).items()}
 
-    def _images(self, indices: Tensor, ep: Tensor) -> dict[str, Tensor]:
-        if not any(self._sources):
+    def _camera_keys(self, e: int) -> frozenset[str]:
+        if self._images[e] is not None:
+            return frozenset(self._images[e])
+        src = self._sources[e]
+        return frozenset(src[0].dataset.meta.camera_keys) if src is not None else frozenset()
+
+    def _frames(self, indices: Tensor, ep: Tensor) -> dict[str, Tensor]:
+        """Camera frames of the rows, uint8 (B, 3, H, W) per camera key ({} for episodes without cameras)."""
+        if not self._camera_keys(0):
             return {}
         frames = []
         for i, e in zip(indices.tolist(), ep.tolist(), strict=True):
-            src = self._sources[e]
-            if src is None:
-                raise ValueError("mixing episodes with and without camera frames is not supported.")
-            source, first = src
-            item = source.dataset[first + i - int(self.ep_start[e])]
-            frames.append({k: item[k] for k in source.dataset.meta.camera_keys})
-        return {k: torch.stack([f[k] for f in frames]) for k in frames[0]}
+            t = i - int(self.ep_start[e])
+            if self._images[e] is not None:  # in memory, (T, H, W, 3) uint8
+                frames.append(
+                    {k: torch.from_numpy(v[t]).permute(2, 0, 1) for k, v in self._images[e].items()}
+                )
+                continue
+            source, first = self._sources[e]
+            item = source.dataset[first + t]  # LeRobot gives float (3, H, W) in [0, 1]
+            frames.append({k: _to_uint8(item[k]) for k in source.dataset.meta.camera_keys})
+        out = {}
+        for k in frames[0]:
+            shapes = {tuple(f[k].shape) for f in frames}
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"camera {k!r} has frames of shapes {sorted(shapes)} in one batch; record every episode "
+                    "with the same image size."
+                )
+            out[k] = torch.stack([f[k] for f in frames])
+        return out
 
 
 class EpisodeBalancedSampler:
@@ -276,6 +360,23 @@ class EpisodeBalancedSampler:
 
 def _category(adv: float) -> str:
     return "good" if adv > 0 else "bad" if adv < 0 else "neutral"
+
+
+def _to_uint8(image: Tensor) -> Tensor:
+    """A camera frame as uint8: float frames (LeRobot's [0, 1]) are scaled and rounded, exact for PNG frames."""
+    if image.dtype == torch.uint8:
+        return image
+    return (image.float() * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+def _check_frames(frames, num_frames: int, cam: str, index: int) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[0] != num_frames or frames.shape[3] != 3:
+        raise ValueError(
+            f"episode {index}: images[{cam!r}] must be uint8 of shape (T={num_frames}, H, W, 3); got "
+            f"{frames.dtype} {frames.shape}."
+        )
+    return frames
 
 
 def _column(hf, key: str, n: int) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def _record_episode(
         if terminated or truncated:
             break
     return EpisodeRecord(
-        task=env.task,
+        task=env.task_description,  # the instruction, as at rollout time; init_hash keys on the name
         states=np.stack(states).astype(np.float32),  # (T, 39)
         actions=np.stack(actions),  # (T, 4)
         rewards=np.asarray(rewards, dtype=np.float32),  # (T,)
@@ -83,11 +84,15 @@ def record_demos(
     episode_length: int = 200,
     repo_id: str | None = None,
     obs_type: str = "state",
+    image_size: int = 64,
+    cameras: Sequence[str] = ("corner2",),
 ) -> RecordResult:
     """Run the scripted expert of `task` for `episodes` episodes (seeds seed..seed+episodes-1) and write them.
 
     noise: standard deviation of the Gaussian noise added to every action component (actions in [-1, 1]),
-    then clipped to [-1, 1]. The dataset has no `advantages` column (demos are written as-is).
+    then clipped to [-1, 1]. The dataset has no `advantages` column (demos are written as-is). Its `task`
+    column holds the task's instruction (`task_instruction(task)`). obs_type="state_pixels" also records
+    `observation.images.<camera>` for each of `cameras`, `image_size` pixels square (the env's settings).
     """
     if episodes < 1:
         raise ValueError(f"episodes={episodes} must be >= 1.")
@@ -104,7 +109,9 @@ def record_demos(
             seed + episodes - 1,
             HELD_OUT_SEED_START,
         )
-    env = MetaWorldStateEnv(task=task, episode_length=episode_length, obs_type=obs_type)
+    env = MetaWorldStateEnv(
+        task=task, episode_length=episode_length, obs_type=obs_type, image_size=image_size, cameras=cameras
+    )
     expert = scripted_expert(task)
     try:
         records = [_record_episode(env, expert, noise, seed + k, episode_length) for k in range(episodes)]
@@ -149,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--obs-type", default="state", choices=list(OBS_TYPES), help="Observations to record."
     )
+    parser.add_argument(
+        "--image-size", type=int, default=64, help="Camera image side in pixels (state_pixels; default: 64)."
+    )
+    parser.add_argument(
+        "--cameras",
+        default="corner2",
+        help="Comma-separated MetaWorld cameras (state_pixels; default: corner2).",
+    )
     return parser
 
 
@@ -164,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         episode_length=args.episode_length,
         repo_id=args.repo_id,
         obs_type=args.obs_type,
+        image_size=args.image_size,
+        cameras=tuple(c.strip() for c in args.cameras.split(",") if c.strip()),
     )
     logger.info("success rate %.3f over %d episodes", result.success_rate, result.num_episodes)
     return 0

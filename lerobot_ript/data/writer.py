@@ -9,7 +9,7 @@ Columns of every frame (LeRobot adds timestamp, frame_index, episode_index, inde
 | next.reward | float32 | (1,) | reward of this step |
 | next.success | bool | (1,) | success reached at this step or earlier in the episode |
 | success | bool | (1,) | episode outcome, the same on every frame |
-| init_hash | int64 | (1,) | `init_hash_of(task, initial state)`, the same on every frame |
+| init_hash | int64 | (1,) | `init_hash_of(task name, initial state)`, the same on every frame |
 | advantages | float32 | (1,) | per-episode RLOO advantage on every frame (`with_advantages=True` only) |
 | observation.images.<cam> | image | (H, W, 3) | camera frames, stored as PNG in the parquet files |
 
@@ -50,12 +50,13 @@ _IMAGE_PREFIX = "observation.images."
 class EpisodeRecord:
     """One episode in memory. T frames; frame t holds the state before action t and that action's reward."""
 
+    # The `task` column: the language instruction a policy is given (MetaWorld: `task_instruction(name)`).
     task: str
     states: np.ndarray  # (T, S) float32
     actions: np.ndarray  # (T, A) float32
     rewards: np.ndarray  # (T,) float32
     success: bool  # episode outcome
-    init_hash: int  # init_hash_of(task, states[0]); in [0, 2**62)
+    init_hash: int  # init_hash_of(task NAME, states[0]), not of the instruction; in [0, 2**62)
     advantage: float | None = None  # per-episode RLOO advantage, broadcast to every frame
     images: dict[str, np.ndarray] | None = None  # camera -> (T, H, W, 3) uint8
     # Frame index at which success is first reached (next.success is True from there on). None: the last

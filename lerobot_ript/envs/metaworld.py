@@ -10,6 +10,7 @@ states controlled by the reset seed:
   returns `{"metaworld_state": {0: VectorEnv}}`, which LeRobot's `rollout` / `eval_policy` run.
 - `make_vector_env(cfg, n_envs)`: one vector env whose `reset(seed=[...])` takes one seed per sub-env.
 - `scripted_expert(task)`: MetaWorld's scripted policy, `obs (39,) -> action (4,)`.
+- `task_instruction(task)`: the task's language instruction (the env's `task_description`, the batch's `task`).
 
 Seeds: training data (demos, RL initial states) uses seeds from 0; held-out evaluation uses seeds from
 `HELD_OUT_SEED_START` on, so the two sets of initial states never overlap.
@@ -89,6 +90,79 @@ def _check_task(task: str) -> None:
     close = difflib.get_close_matches(str(task), tasks, n=3, cutoff=0.5)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     raise ValueError(f"Unknown MetaWorld task {task!r}.{hint} Valid tasks: {', '.join(tasks)}.")
+
+
+# The language instruction of each MetaWorld v3 task: what a vision-language-action policy reads from the batch's
+# `task` key. The strings are LeRobot 0.6.1's (`lerobot/envs/metaworld_config.json`, from the MetaWorld paper),
+# so a policy fine-tuned on LeRobot's MetaWorld datasets or evaluated with LeRobot's own `metaworld` env sees the
+# same text here. push-v3 and push-back-v3 share one string there, and so here.
+TASK_INSTRUCTIONS: dict[str, str] = {
+    "assembly-v3": "Pick up a nut and place it onto a peg",
+    "basketball-v3": "Dunk the basketball into the basket",
+    "bin-picking-v3": "Grasp the puck from one bin and place it into another bin",
+    "box-close-v3": "Grasp the cover and close the box with it",
+    "button-press-topdown-v3": "Press a button from the top",
+    "button-press-topdown-wall-v3": "Bypass a wall and press a button from the top",
+    "button-press-v3": "Press a button",
+    "button-press-wall-v3": "Bypass a wall and press a button",
+    "coffee-button-v3": "Push a button on the coffee machine",
+    "coffee-pull-v3": "Pull a mug from a coffee machine",
+    "coffee-push-v3": "Push a mug under a coffee machine",
+    "dial-turn-v3": "Rotate a dial 180 degrees",
+    "disassemble-v3": "Pick a nut out of a peg",
+    "door-close-v3": "Close a door with a revolving joint",
+    "door-lock-v3": "Lock the door by rotating the lock clockwise",
+    "door-open-v3": "Open a door with a revolving joint",
+    "door-unlock-v3": "Unlock the door by rotating the lock counter-clockwise",
+    "drawer-close-v3": "Push and close a drawer",
+    "drawer-open-v3": "Open a drawer",
+    "faucet-close-v3": "Rotate the faucet clockwise",
+    "faucet-open-v3": "Rotate the faucet counter-clockwise",
+    "hammer-v3": "Hammer a screw on the wall",
+    "hand-insert-v3": "Insert the gripper into a hole",
+    "handle-press-side-v3": "Press a handle down sideways",
+    "handle-press-v3": "Press a handle down",
+    "handle-pull-side-v3": "Pull a handle up sideways",
+    "handle-pull-v3": "Pull a handle up",
+    "lever-pull-v3": "Pull a lever down 90 degrees",
+    "peg-insert-side-v3": "Insert a peg sideways",
+    "peg-unplug-side-v3": "Unplug a peg sideways",
+    "pick-out-of-hole-v3": "Pick up a puck from a hole",
+    "pick-place-v3": "Pick and place a puck to a goal",
+    "pick-place-wall-v3": "Pick a puck, bypass a wall and place the puck",
+    "plate-slide-back-side-v3": "Get a plate from the cabinet sideways",
+    "plate-slide-back-v3": "Get a plate from the cabinet",
+    "plate-slide-side-v3": "Slide a plate into a cabinet sideways",
+    "plate-slide-v3": "Slide a plate into a cabinet",
+    "push-back-v3": "Push the puck to a goal",
+    "push-v3": "Push the puck to a goal",
+    "push-wall-v3": "Bypass a wall and push a puck to a goal",
+    "reach-v3": "Reach a goal position",
+    "reach-wall-v3": "Bypass a wall and reach a goal",
+    "shelf-place-v3": "Pick and place a puck onto a shelf",
+    "soccer-v3": "Kick a soccer into the goal",
+    "stick-pull-v3": "Grasp a stick and pull a box with the stick",
+    "stick-push-v3": "Grasp a stick and push a box using the stick",
+    "sweep-into-v3": "Sweep a puck into a hole",
+    "sweep-v3": "Sweep a puck off the table",
+    "window-close-v3": "Push and close a window",
+    "window-open-v3": "Push and open a window",
+}
+
+
+def task_instruction(task: str) -> str:
+    """The natural-language instruction of a MetaWorld v3 task, e.g. 'push-v3' -> 'Push the puck to a goal'.
+
+    It is the env's `task_description` (LeRobot's rollout sends it as the batch's `task`) and the `task` column
+    of recorded demos and rollouts; the task NAME stays the key of everything else (init_hash, configs).
+    """
+    if task in TASK_INSTRUCTIONS:
+        return TASK_INSTRUCTIONS[task]
+    close = difflib.get_close_matches(str(task), list(TASK_INSTRUCTIONS), n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(
+        f"No instruction for MetaWorld task {task!r}.{hint} Known tasks: {', '.join(TASK_INSTRUCTIONS)}."
+    )
 
 
 def _check_settings(
@@ -335,9 +409,10 @@ class MetaWorldStateEnv(gym.Env):
         if obs_type == "state_pixels":
             _use_default_gl_backend()  # before metaworld imports mujoco, where possible
         _check_task(task)
-        self.task = task
-        # One string for the task everywhere (datasets, rollouts, init_hash); LeRobot's rollout reads this.
-        self.task_description = task
+        self.task = task  # the task NAME: the key of init_hash and configs
+        # The language instruction: LeRobot's rollout (lerobot-eval) sends it to the policy as the batch's `task`,
+        # and recorded demos and rollouts carry it in their `task` column.
+        self.task_description = task_instruction(task)
         self.episode_length = int(episode_length)
         self._max_episode_steps = self.episode_length  # read by lerobot_eval.rollout
         self.obs_type = obs_type

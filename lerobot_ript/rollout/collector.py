@@ -141,7 +141,12 @@ class _Slot:
 
 
 class GroupedCollector:
-    """Collects groups of K rollouts per initial state; see the module docstring for the rules."""
+    """Collects groups of K rollouts per initial state; see the module docstring for the rules.
+
+    `task` (the task name) keys `init_hash`; `instruction` (default: the name) is each EpisodeRecord's `task`.
+    `record_images`: keep every step's camera images (`obs["pixels"]`, uint8 (H, W, 3) per camera) in
+    `EpisodeRecord.images`; the env must render them (MetaWorld: obs_type="state_pixels").
+    """
 
     def __init__(
         self,
@@ -149,6 +154,7 @@ class GroupedCollector:
         policy: ChunkPolicy,
         *,
         task: str,
+        instruction: str | None = None,
         group_size: int,
         num_slots: int,
         goal_rollouts: int,
@@ -169,6 +175,8 @@ class GroupedCollector:
         if num_slots < 1 or max_groups < 1 or goal_rollouts < 1:
             raise ValueError("num_slots, max_groups and goal_rollouts must all be >= 1.")
         self.make_group_env, self.policy, self.task = make_group_env, policy, task
+        # EpisodeRecord.task (the datasets' `task` column): the language instruction; init_hash keys on `task`
+        self.instruction = task if instruction is None else instruction
         self.k, self.goal, self.max_groups = group_size, goal_rollouts, max_groups
         self.seed_sampler = seed_sampler
         self.skip_tracker = skip_tracker or SkipTracker(0)  # streaks of all-success groups
@@ -284,6 +292,11 @@ class GroupedCollector:
         except Exception as err:  # noqa: BLE001 - any env error costs this group only; counted and logged
             self._fault(slot, err)
             return True
+        if self.record_images and "pixels" not in obs:
+            raise ValueError(
+                "record_images=True, but the env's observations have no 'pixels' (camera images). Build the "
+                "env with cameras (MetaWorld: obs_type='state_pixels'), or collect with record_images=False."
+            )
         slot.obs = obs
         slot.init_hash = init_hash_of(self.task, obs["agent_pos"][0])
         self._seed_hash[seed] = slot.init_hash
@@ -384,7 +397,7 @@ class GroupedCollector:
                 images = {c: np.stack([im[c][k] for im in slot.images[:n]]) for c in slot.images[0]}
             episodes.append(
                 EpisodeRecord(
-                    task=self.task,
+                    task=self.instruction,
                     states=states[k, :n],
                     actions=actions[k, :n],
                     rewards=rewards[k, :n],
@@ -424,10 +437,13 @@ def make_chunk_policy(
     n_action_steps: int,
     num_threads: int = 1,
     noise_scale: float = 1.0,
+    task: str | None = None,
 ) -> ChunkPolicy:
     """Wrap a RiptPolicy and its processors into one batched call: vector-env obs -> (N, n_steps, A) numpy.
 
-    noise_scale multiplies the initial flow noise (see `RiptPolicy.predict_action_chunk`).
+    noise_scale multiplies the initial flow noise (see `RiptPolicy.predict_action_chunk`). `task`: the language
+    instruction, sent as the batch's `task` key (one copy per row, as LeRobot's rollout sends the env's
+    `task_description`) for the tokenizer steps of vision-language-action preprocessors; None sends none.
 
     Inference of a small policy on a CPU runs on `num_threads` threads (1 by default: for small matrices,
     a second thread costs more in synchronisation than it gains, up to 4x on a loaded 2-core machine).
@@ -438,7 +454,10 @@ def make_chunk_policy(
         threads = torch.get_num_threads()
         torch.set_num_threads(num_threads)
         try:
-            batch = preprocessor(preprocess_observation(obs))
+            batch = preprocess_observation(obs)
+            if task is not None:
+                batch["task"] = [task] * next(iter(batch.values())).shape[0]
+            batch = preprocessor(batch)
             with torch.inference_mode():
                 chunk = policy.predict_action_chunk(
                     batch, guidance_scale=guidance_scale, noise_scale=noise_scale

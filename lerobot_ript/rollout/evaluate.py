@@ -41,7 +41,10 @@ def evaluate(
     num_envs: int,
     max_episode_steps: int,
 ) -> EvalResult:
-    """Run one episode per seed, `num_envs` at a time; an episode succeeds if the env ever reports success."""
+    """Run one episode per seed, `num_envs` at a time; an episode succeeds if the env ever reports success.
+
+    `policy` sees the env's observations as they are; the task's instruction travels in it (the training loop
+    builds it with `make_chunk_policy(..., task=task_instruction(task))`, which adds the batch's `task`)."""
     successes, steps = [], 0
     env = make_env(num_envs)
     try:

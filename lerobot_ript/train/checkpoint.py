@@ -21,6 +21,7 @@ from typing import Any
 
 import draccus
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +48,16 @@ def save_checkpoint(
     """Collective: every rank must call it. Returns the final checkpoint directory."""
     final = checkpoints_dir / f"{iteration:06d}"
     tmp = checkpoints_dir / f"{TMP_PREFIX}{iteration:06d}"
+    state_dict = None
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # Collective: every rank holds a shard, gathered into the main process's full state dict. The gathered
+        # tensors can be views of one flat buffer, which safetensors refuses to write: own them.
+        state_dict = {k: v.clone() for k, v in accelerator.get_state_dict(policy).items()}
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / PRETRAINED_DIR).mkdir(parents=True)
         unwrapped = accelerator.unwrap_model(policy)
-        unwrapped.save_pretrained(tmp / PRETRAINED_DIR)
+        unwrapped.save_pretrained(tmp / PRETRAINED_DIR, state_dict=state_dict)
         preprocessor.save_pretrained(tmp / PRETRAINED_DIR)
         postprocessor.save_pretrained(tmp / PRETRAINED_DIR)
         save_train_config(train_config, tmp / PRETRAINED_DIR / TRAIN_CONFIG_NAME, accelerator.num_processes)

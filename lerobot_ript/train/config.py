@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,6 +348,9 @@ class RiptTrainConfig:
             raise ValueError(
                 "data.dataset_root is set without data.dataset_id; set both (any id for a local copy)."
             )
+        if d.dataset_id is None:
+            # the loop records the demos with the env's cameras, so the policy will read all of them
+            check_image_inputs(self, env_camera_keys(self.env))
 
     @property
     def mixed_precision(self) -> str:
@@ -357,6 +361,34 @@ class RiptTrainConfig:
     @property
     def checkpoints_dir(self) -> Path:
         return Path(self.output_dir) / "checkpoints"
+
+
+def env_camera_keys(env: MetaWorldStateEnvConfig) -> list[str]:
+    """The policy keys of the camera images the env renders (`observation.images.<camera>`; none for "state")."""
+    return sorted(v for k, v in env.features_map.items() if k.startswith("pixels/"))
+
+
+def check_image_inputs(cfg: RiptTrainConfig, image_keys: Sequence[str]) -> None:
+    """Fail fast when a policy that reads the camera images `image_keys` (`observation.images.<camera>`) cannot
+    train in this run: the env must render every one of them, and the replay buffer, which is saved as JSON in
+    every checkpoint, keeps no camera frames, so such a policy trains on-policy only."""
+    if not image_keys:
+        return
+    rendered = env_camera_keys(cfg.env)
+    missing = sorted(set(image_keys) - set(rendered))
+    if missing:
+        raise ValueError(
+            f"the policy reads the camera images {missing}, but the env (env.obs_type={cfg.env.obs_type!r}, "
+            f"env.cameras={cfg.env.cameras!r}) renders {rendered or 'none'}. Set --env.obs_type=state_pixels "
+            "and --env.cameras=<the policy's cameras, comma-separated> (and --env.image_size to the demos' size)."
+        )
+    if cfg.data.replay_iterations > 1:
+        raise ValueError(
+            f"data.replay_iterations={cfg.data.replay_iterations} replays earlier iterations' rollouts from the "
+            "run state, which every checkpoint saves as JSON without camera frames, and this policy reads camera "
+            f"images {list(image_keys)}. Use --data.replay_iterations=1 (on-policy), or a policy without image "
+            "inputs."
+        )
 
 
 def trains_bad_frames(bad_share: float, failed_demos: str) -> bool:

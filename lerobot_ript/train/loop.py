@@ -28,6 +28,7 @@ from accelerate.utils import set_seed
 
 from lerobot_ript.data.dataset import EpisodeBalancedSampler, EpisodeShares, RiptDataset
 from lerobot_ript.data.writer import EpisodeRecord
+from lerobot_ript.envs.metaworld import task_instruction
 from lerobot_ript.rollout.collector import GroupedCollector, SeedSampler, make_chunk_policy
 from lerobot_ript.rollout.evaluate import evaluate, wilson_interval
 from lerobot_ript.rollout.sampling import SkipTracker, StateCurriculum
@@ -37,7 +38,7 @@ from lerobot_ript.train.checkpoint import (
     remove_interrupted_checkpoints,
     save_checkpoint,
 )
-from lerobot_ript.train.config import RiptTrainConfig
+from lerobot_ript.train.config import RiptTrainConfig, check_image_inputs
 from lerobot_ript.train.tracking import MetricsWriter, plot_success, reduce_metrics
 from lerobot_ript.train.update import update_step
 
@@ -121,7 +122,8 @@ def build_accelerator(cfg: RiptTrainConfig) -> Accelerator:
 # setup
 # ----------------------------------------------------------------------------------------------------------
 def load_demos(cfg: RiptTrainConfig, accelerator: Accelerator):
-    """The demonstration LeRobotDataset: the configured one, or scripted demos recorded once (main first)."""
+    """The demonstration LeRobotDataset: the configured one, or scripted demos recorded once (main first), with
+    the env's observations (obs_type="state_pixels": its cameras and image size, as the rollouts will have)."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     if cfg.data.dataset_id is not None:
@@ -134,6 +136,7 @@ def load_demos(cfg: RiptTrainConfig, accelerator: Accelerator):
     root = Path(cfg.output_dir) / "demos"
     with accelerator.main_process_first():
         if not (root / "meta" / "info.json").exists() and accelerator.is_main_process:
+            env_kwargs = cfg.env.gym_kwargs
             result = record_demos(
                 cfg.env.task,
                 cfg.data.num_demos,
@@ -141,6 +144,9 @@ def load_demos(cfg: RiptTrainConfig, accelerator: Accelerator):
                 root,
                 seed=0,
                 episode_length=cfg.env.episode_length,
+                obs_type=env_kwargs["obs_type"],
+                image_size=env_kwargs["image_size"],
+                cameras=env_kwargs["cameras"],
             )
             logger.info(
                 "Recorded %d scripted demos of %s (noise %.2f): %.0f%% successful.",
@@ -190,6 +196,7 @@ def setup(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
     set_seed(cfg.seed)  # identical initial parameters on every rank
     demo_ds = load_demos(cfg, accelerator)
     policy, pre, post = build_policy(cfg, demo_ds)
+    check_image_inputs(cfg, sorted(policy.config.image_features))
     demo_data = demo_set(demo_ds, policy.config, cfg.data.failed_demos)
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=cfg.optim.learning_rate, weight_decay=cfg.optim.weight_decay
@@ -248,6 +255,7 @@ def collect(run: Run, collector: GroupedCollector):
         run.postprocessor,
         guidance_scale=run.cfg.rollout.guidance_scale,
         n_action_steps=model.config.n_action_steps,
+        task=task_instruction(run.cfg.env.task),
     )
     return collector.collect()
 
@@ -298,10 +306,26 @@ def training_batches(run: Run, rollouts: RiptDataset | None, generator: torch.Ge
             parts.append(run.demo_data.get_batch(demo_sampler.sample(demo_n)))
         if roll_sampler is not None:
             parts.append(rollouts.get_batch(roll_sampler.sample(d.batch_size - demo_n)))
-        batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        return run.preprocessor(batch)
+        return run.preprocessor(concat_batches(parts))
 
     return next_batch
+
+
+def concat_batches(parts: list[dict]) -> dict:
+    """One batch from the demo and rollout parts: tensors concatenated along rows, lists (`task`) joined.
+    Fails with a fix when the parts carry different keys (e.g. demos with camera images, rollouts without)."""
+    keys = set(parts[0])
+    for part in parts[1:]:
+        if set(part) != keys:
+            raise ValueError(
+                f"demo and rollout frames carry different keys (only in demos: {sorted(keys - set(part))}; only "
+                f"in rollouts: {sorted(set(part) - keys)}). Record the demos with the env's cameras and image "
+                "size (env.obs_type=state_pixels records both alike), or train a policy without image inputs."
+            )
+    return {
+        k: sum((p[k] for p in parts), []) if isinstance(v, list) else torch.cat([p[k] for p in parts])
+        for k, v in parts[0].items()
+    }
 
 
 def update_steps(run: Run, result) -> int:
@@ -366,6 +390,7 @@ def run_eval(run: Run, iteration: int) -> dict[str, float]:
         run.postprocessor,
         guidance_scale=cfg.eval.guidance_scale,
         n_action_steps=model.config.n_action_steps,
+        task=task_instruction(cfg.env.task),
     )
     result = evaluate(
         lambda n: make_vector_env(cfg.env, n),
@@ -430,7 +455,8 @@ def checkpoint(run: Run, collector: GroupedCollector) -> Path:
 # ----------------------------------------------------------------------------------------------------------
 # the loop
 # ----------------------------------------------------------------------------------------------------------
-def make_collector(run: Run) -> GroupedCollector:
+def make_collector(run: Run, *, record_images: bool = False) -> GroupedCollector:
+    """The run's collector; `record_images` keeps the rollouts' camera frames (for a policy that reads images)."""
     from lerobot_ript.envs.metaworld import make_vector_env
 
     cfg, rank, world = run.cfg, run.accelerator.process_index, run.accelerator.num_processes
@@ -449,6 +475,7 @@ def make_collector(run: Run) -> GroupedCollector:
         lambda: make_vector_env(cfg.env, r.rloo_batch_size, use_async=r.use_async_envs),
         policy=None,
         task=cfg.env.task,
+        instruction=task_instruction(cfg.env.task),
         group_size=r.rloo_batch_size,
         num_slots=r.groups_per_round,
         goal_rollouts=max(1, -(-r.rollout_goal_per_step // world)),
@@ -460,6 +487,7 @@ def make_collector(run: Run) -> GroupedCollector:
         max_episode_steps=cfg.env.episode_length,
         overlap_inference=r.overlap_inference,
         keep_solved=r.keep_solved_groups,
+        record_images=record_images,
     )
     collector._seed_hash.update({int(k): v for k, v in run.state.seed_hash.items()})
     return collector
@@ -472,7 +500,7 @@ def train(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
         sft(run)
     if not run.state.history and cfg.eval.eval_at_start:
         run.metrics.log(run_eval(run, 0), step=0)
-    collector = make_collector(run)
+    collector = make_collector(run, record_images=bool(run.model.config.image_features))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.num_train_steps, initial=run.state.iteration, disable=not main, desc="RIPT")
@@ -492,7 +520,7 @@ def train(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
             run.state.replay = (
                 run.state.replay + [[_ep_to_dict(e, w) for e, w in zip(episodes, weights, strict=True)]]
             )[-cfg.data.replay_iterations :]
-            rollouts = _replay_dataset(run)  # 3. training batches
+            rollouts = _replay_dataset(run, episodes, weights)  # 3. training batches
             t1 = time.perf_counter()
             gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank * 104_729 + it)
             n_updates = update_steps(run, result)
@@ -504,6 +532,7 @@ def train(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
             }
             timings["time/update_s"] = time.perf_counter() - t1  # 4. updates
             local = {**result.stats.as_dict(), **adv_stats, **train_metrics, **timings}
+            del result, episodes, rollouts  # their camera frames go before the next collection
             metrics = reduce_metrics(_complete(local), accelerator)  # 5. log
             run.state.episodes_seen += int(metrics["rollout/groups_sampled"] * cfg.rollout.rloo_batch_size)
             run.state.iteration = it
@@ -596,16 +625,23 @@ def save_rollouts(run: Run, episodes: list[EpisodeRecord], iteration: int) -> Pa
     return root
 
 
-def _replay_dataset(run: Run) -> RiptDataset | None:
-    episodes = [e for it in run.state.replay for e in it]
-    if not episodes:
+def _replay_dataset(run: Run, current: list[EpisodeRecord], weights: list[float]) -> RiptDataset | None:
+    """The rollouts trained on: the replay buffer's earlier iterations (serialised, without camera frames) and
+    this iteration's episodes as collected (with their camera frames, if any), in that order."""
+    earlier = [e for it in run.state.replay[:-1] for e in it]
+    if not earlier and not current:
         return None
     data = RiptDataset(run.model.config.chunk_size, run.model.config.target_state_dim)
-    data.add_episodes([_ep_from_dict(e) for e in episodes], weights=[e["weight"] for e in episodes])
+    if earlier:
+        data.add_episodes([_ep_from_dict(e) for e in earlier], weights=[e["weight"] for e in earlier])
+    if current:
+        data.add_episodes(current, weights=[float(w) for w in weights])
     return data
 
 
 def _ep_to_dict(ep: EpisodeRecord, weight: float) -> dict:
+    """A JSON-able replay entry (saved in every checkpoint). Camera frames are left out: a policy that reads
+    images trains on-policy only (`check_image_inputs` refuses data.replay_iterations > 1)."""
     return {
         "task": ep.task,
         "states": ep.states.tolist(),
