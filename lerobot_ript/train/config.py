@@ -340,6 +340,12 @@ class RiptTrainConfig:
         except ValueError as err:  # name the config key the user sets, not the processor's field
             raise ValueError(str(err).replace("AdvantageProcessor.", "advantage.")) from err
         self.policy.validate_hyperparameters()
+        if self.policy.is_vla and self.policy.backbone_path is None and not self.checkpoint_path:
+            raise ValueError(
+                f"policy.backbone={self.policy.backbone!r} wraps a LeRobot {self.policy.backbone} checkpoint: set "
+                f"--policy.backbone_path=<a local directory or a Hub id of a {self.policy.backbone} policy "
+                "fine-tuned on this robot>, or --checkpoint_path=<a ript checkpoint> to continue from one."
+            )
         if self.hub.push_to_hub and not self.hub.hub_repo_id:
             raise ValueError(
                 "hub.push_to_hub=true needs hub.hub_repo_id, e.g. --hub.hub_repo_id=user/ript-push."

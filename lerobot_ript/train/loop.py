@@ -103,7 +103,9 @@ def build_accelerator(cfg: RiptTrainConfig) -> Accelerator:
         log_with="wandb" if cfg.log.enable_wandb else None,
         project_dir=cfg.output_dir,
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        # A wrapped VLA has parameters its flow loss never reaches (PaliGemma's LM head, a frozen part), which
+        # DDP must be told about; the small backbone uses every parameter.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.policy.is_vla)],
     )
     used = accelerator.mixed_precision
     if accelerator.is_main_process:  # said once, not once per rank
