@@ -389,3 +389,53 @@ def test_training_switches_are_honoured(checkpoints):
     )
     vision = frozen.backbone.vla.model.vlm_with_expert.get_vlm_model().vision_model
     assert not any(p.requires_grad for p in vision.parameters())
+
+
+def test_pushed_checkpoint_loads_from_a_hub(checkpoints, tmp_path):
+    """A wrapped pi05 pushed to a (local) Hub loads by repo id in a fresh process, as lerobot-eval would."""
+    import os
+
+    from hub_server import LocalHubServer
+
+    from lerobot_ript.train.hub import push_folder_with_retry
+
+    policy, pre, post = wrap("pi05", checkpoints["pi05"])
+    perturb_label_path(policy, seed=7)
+    policy.eval()
+    folder = tmp_path / "ript"
+    for part in (policy, pre, post):
+        part.save_pretrained(folder)
+    raw, noise = raw_batch(), flow_noise(policy)
+    with torch.no_grad():
+        expected = post(policy.predict_action_chunk(pre(dict(raw)), noise=noise.clone(), guidance_scale=2.0))
+    torch.save({"raw": raw, "noise": noise}, tmp_path / "inputs.pt")
+    token, repo = "hf_FAKEtoken1234567890", "ript-user/ript-pi05"
+    with LocalHubServer() as hub:
+        from huggingface_hub import constants
+
+        xet, offline = constants.HF_HUB_DISABLE_XET, constants.HF_HUB_OFFLINE
+        constants.HF_HUB_DISABLE_XET, constants.HF_HUB_OFFLINE = True, False
+        try:
+            result = push_folder_with_retry(folder, repo, endpoint=hub.endpoint, token=token, backoff_s=0.01)
+        finally:
+            constants.HF_HUB_DISABLE_XET, constants.HF_HUB_OFFLINE = xet, offline
+        assert result.ok, result.error
+        env = dict(
+            os.environ,
+            HF_ENDPOINT=hub.endpoint,
+            HF_HUB_DISABLE_XET="1",
+            HF_HUB_OFFLINE="0",
+            HF_HUB_DISABLE_TELEMETRY="1",
+            HF_TOKEN=token,
+            HF_HOME=str(tmp_path / "hf_home"),
+        )
+        code = RELOAD.format(
+            tests=str(TESTS), ckpt=repo, inputs=str(tmp_path / "inputs.pt"), out=str(tmp_path / "out.pt")
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+        )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert out["backbone"] == "Pi05Backbone"
+    torch.testing.assert_close(out["actions"], expected, atol=1e-5, rtol=1e-5)
