@@ -14,6 +14,7 @@ logger = logging.getLogger("lerobot_ript")
 
 EXTRAS = {
     "metaworld": (("metaworld", "mujoco"), 'pip install "lerobot_policy_ript[metaworld]"'),
+    "vla": (("transformers", "scipy", "num2words"), 'pip install "lerobot_policy_ript[vla]"'),
     "dev": (("pytest", "hypothesis", "ruff"), 'pip install "lerobot_policy_ript[dev]"'),
 }
 
@@ -62,6 +63,13 @@ def info() -> int:
         lines.append(
             f"extra [{extra}]".ljust(21) + (" installed" if not missing else f"missing {missing}: {cmd}")
         )
+    from lerobot_ript.policy.backbones.vla import check_transformers
+
+    try:
+        check_transformers()
+        lines.append("backbones            small, pi0, pi05, smolvla")
+    except ImportError as err:
+        lines.append(f"backbones            small (pi0 / pi05 / smolvla unavailable: {err})")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 
