@@ -439,3 +439,16 @@ def test_pushed_checkpoint_loads_from_a_hub(checkpoints, tmp_path):
     out = torch.load(tmp_path / "out.pt")
     assert out["backbone"] == "Pi05Backbone"
     torch.testing.assert_close(out["actions"], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["pi0", "pi05"])
+def test_float32_checkpoint_wraps_in_bfloat16(checkpoints, kind):
+    """vla_dtype=bfloat16 rounds the float32 checkpoint's weights: the loaded-weights check compares in the
+    model's dtype, so it neither fails on the rounding nor lets a random model through; a step trains."""
+    policy, pre, _ = wrap(kind, checkpoints[kind], vla_dtype="bfloat16")
+    expert = policy.backbone.vla.model.paligemma_with_expert.gemma_expert
+    assert {p.dtype for p in expert.parameters()} >= {torch.bfloat16}
+    policy.train()
+    loss, _ = policy(train_batch(pre))
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None for p in label_path(policy).values())

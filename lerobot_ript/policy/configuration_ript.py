@@ -24,6 +24,31 @@ def _choice_error(field_name: str, value: str, valid: tuple[str, ...]) -> ValueE
     return ValueError(f"{field_name}={value!r} is not one of {list(valid)}.{hint}")
 
 
+def task_vocabulary(task_names: list[str]) -> dict[str, int]:
+    """The `task` strings a task-conditioned policy accepts -> the index of their task in `task_names`: each name,
+    and for a MetaWorld task also its instruction (`lerobot_ript.envs.metaworld.TASK_INSTRUCTIONS`, what the env,
+    the collector and the recorded datasets put in the batch's `task`). Fails on an empty list, a task named
+    twice, or two tasks that one string would name (e.g. push-v3 and push-back-v3 share their instruction)."""
+    from lerobot_ript.envs.metaworld import TASK_INSTRUCTIONS
+
+    names = [str(name) for name in task_names]
+    if not names:
+        raise ValueError(
+            "task_names=[] names no task; give the policy's tasks, or None for a single-task policy."
+        )
+    vocabulary: dict[str, int] = {}
+    for i, name in enumerate(names):
+        for key in dict.fromkeys([name, TASK_INSTRUCTIONS.get(name, name)]):
+            if key in vocabulary:
+                raise ValueError(
+                    f"task_names={names}: {names[vocabulary[key]]!r} and {name!r} are both named by {key!r}, so the "
+                    "batch's `task` could not tell them apart. Name each task once, and never two tasks that "
+                    "share an instruction."
+                )
+            vocabulary[key] = i
+    return vocabulary
+
+
 @PreTrainedConfig.register_subclass("ript")
 @dataclass
 class RiptConfig(PreTrainedConfig):
@@ -97,6 +122,13 @@ class RiptConfig(PreTrainedConfig):
     state_std_min: float = 0.0
     # Zero-pad or truncate `observation.state` to this size (>= 1); None leaves the state as it is.
     target_state_dim: int | None = None
+    # Multi-task policies: the tasks the policy is conditioned on (distinct task names, e.g. MetaWorld's
+    # ["push-v3", "reach-v3"]; lerobot_ript.train sets it from env.task when that names several tasks). The small
+    # backbone adds a learned embedding of the batch's `task` string (the task's name or, for a MetaWorld task,
+    # its instruction) to its observation encoding, zero at start; a `task` it does not know fails. The VLA
+    # backbones read the instruction through their own tokenizer and ignore this list. None: one task, no
+    # task input (no embedding parameters).
+    task_names: list[str] | None = None
 
     # Training objective: "cfg" (label-conditioned flow matching with label dropout), "cfgrl" (one
     # shared noise/time draw, loss = 1[A>0] L(good) + cfg_alpha L(null)) or "weighted" (per-sample flow
@@ -217,6 +249,8 @@ class RiptConfig(PreTrainedConfig):
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 8.")
         if self.num_denoiser_layers < 1:
             raise ValueError(f"num_denoiser_layers={self.num_denoiser_layers} must be >= 1.")
+        if self.task_names is not None:
+            task_vocabulary(self.task_names)  # non-empty, distinct, unambiguous
 
     def set_dataset_feature_metadata(self, features: dict) -> None:
         """LeRobot's `make_policy` calls this with the training dataset's features. Their names are kept for this

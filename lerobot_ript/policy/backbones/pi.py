@@ -7,7 +7,7 @@ Gemma action expert denoises the action chunk (the suffix), and the optimality l
 - pi0: the flow time enters through the action-time MLP, and its expert norms are plain RMSNorms. The label is
   added inside the action-time MLP (zero-initialised), and every expert norm (and the final one) becomes a
   `LabelRMSNorm`: the checkpoint's norm (same `.weight`, so checkpoint keys are unchanged) followed by a
-  zero-initialised scale and shift from the label.
+  scale and shift from the label, all norms' from one zero-initialised layer (`StackedLabelFilm`).
 
 Training runs the prefix and suffix in one pass, as LeRobot's `forward` does (gradient checkpointing applies);
 sampling encodes the prefix once into a KV cache that every Euler step and both guidance branches reuse. The
@@ -25,7 +25,14 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from lerobot_ript.policy.backbones.base import RiptBackbone
-from lerobot_ript.policy.backbones.vla import load_wrapped_policy, repeat_cache, repeat_rows, zero_linear
+from lerobot_ript.policy.backbones.vla import (
+    StackedLabelFilm,
+    label_modulate,
+    load_wrapped_policy,
+    repeat_cache,
+    repeat_rows,
+    zero_linear,
+)
 
 
 class PrefixInputs(NamedTuple):
@@ -216,24 +223,19 @@ def _label_rms_norm_class():
     from lerobot.policies.pi_gemma import PiGemmaRMSNorm
 
     class LabelRMSNorm(PiGemmaRMSNorm):
-        """A pi0 expert norm (a PiGemmaRMSNorm without adaRMS) followed by a label modulation:
-        `norm(x) * (1 + scale) + shift`, (scale, shift) from the label condition through a zero-initialised
-        layer. It keeps the wrapped norm's `.weight` under the same name, so the checkpoint's keys load
-        unchanged."""
+        """A pi0 expert norm (a PiGemmaRMSNorm without adaRMS) followed by the label modulation of its index
+        (`label_modulate`). The expert passes the stacked modulations of all its norms as `adarms_cond`, which
+        LeRobot hands to every norm. It keeps the wrapped norm's `.weight` under the same name, so the
+        checkpoint's keys load unchanged."""
 
-        def __init__(self, norm: PiGemmaRMSNorm, cond_dim: int) -> None:
+        def __init__(self, norm: PiGemmaRMSNorm, index: int) -> None:
             super().__init__(norm.dim, eps=norm.eps, cond_dim=None)
             self.weight = norm.weight
-            self.label_film = zero_linear(cond_dim, 2 * norm.dim)
+            self.index = index
 
         def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, None]:
             out, _ = super().forward(x)
-            if cond is None:
-                return out, None
-            scale, shift = self.label_film(cond).chunk(2, dim=-1)  # each (B, dim)
-            if out.dim() == 3:
-                scale, shift = scale[:, None], shift[:, None]
-            return (out * (1 + scale.float()) + shift.float()).to(x.dtype), None
+            return (out if cond is None else label_modulate(out, cond, self.index)), None
 
     return LabelRMSNorm
 
@@ -249,10 +251,11 @@ class Pi0Backbone(PaliGemmaBackbone):
         self.label_to_action_time = zero_linear(w, w)
         expert = self.model.paligemma_with_expert.gemma_expert.model
         LabelRMSNorm = _label_rms_norm_class()  # noqa: N806
-        for layer in expert.layers:
-            layer.input_layernorm = LabelRMSNorm(layer.input_layernorm, w)
-            layer.post_attention_layernorm = LabelRMSNorm(layer.post_attention_layernorm, w)
-        expert.norm = LabelRMSNorm(expert.norm, w)
+        for i, layer in enumerate(expert.layers):
+            layer.input_layernorm = LabelRMSNorm(layer.input_layernorm, 2 * i)
+            layer.post_attention_layernorm = LabelRMSNorm(layer.post_attention_layernorm, 2 * i + 1)
+        expert.norm = LabelRMSNorm(expert.norm, 2 * len(expert.layers))
+        self.label_film = StackedLabelFilm(w, 2 * len(expert.layers) + 1, int(expert.norm.dim))
 
     def time_condition(self, t: Tensor) -> Tensor:
         emb = self._sincos(t)
@@ -277,4 +280,4 @@ class Pi0Backbone(PaliGemmaBackbone):
         action_time_emb = m.action_time_mlp_out(F.silu(x))
         embs = torch.cat([state_emb, action_time_emb], dim=1)
         pad, att = self._action_att_masks(embs.shape[0], [1], embs.dtype, embs.device)
-        return embs, pad, att, label
+        return embs, pad, att, self.label_film(label)  # every expert norm's (1 + scale, shift)

@@ -1,7 +1,9 @@
 """The built-in small backbone: a CNN per camera, a state MLP and an adaLN-conditioned MLP denoiser.
 
 Runs on a CPU, downloads nothing, accepts any number of cameras and any image size (images are resized to
-`config.image_size`), and state-only datasets.
+`config.image_size`), and state-only datasets. A multi-task policy (`config.task_names`) also reads the batch's
+`task` strings: a learned per-task embedding, zero at start, is added to the observation encoding, so it reaches
+the denoiser's input and, through `context_to_cond`, the condition of every layer.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from lerobot_ript.policy.backbones.base import RiptBackbone
-from lerobot_ript.policy.configuration_ript import RiptConfig
+from lerobot_ript.policy.configuration_ript import RiptConfig, task_vocabulary
+
+TASK_KEY = "task"
 
 
 class ImageEncoder(nn.Module):
@@ -108,6 +112,37 @@ class SmallBackbone(RiptBackbone):
         nn.init.zeros_(self.out_modulation.weight)
         nn.init.zeros_(self.out_modulation.bias)
         self.out_proj = nn.Linear(h, flat)
+        # Multi-task: one row per task of config.task_names, zeros at start (no random draw, so every other
+        # parameter is initialised exactly as in a single-task policy of the same seed).
+        self.task_names = None if config.task_names is None else list(config.task_names)
+        if self.task_names is not None:
+            self._task_index = task_vocabulary(self.task_names)
+            self.task_embedding = nn.Parameter(torch.zeros(len(self.task_names), h))
+
+    def task_indices(self, batch: dict, batch_size: int) -> Tensor:
+        """(B,) long: the index in `task_names` of each row's `task` string (one string applies to every row)."""
+        tasks = batch.get(TASK_KEY)
+        if tasks is None:
+            raise ValueError(
+                f"This policy is conditioned on the tasks {self.task_names} (policy.task_names) but the batch has "
+                f"no '{TASK_KEY}' key. Send each row's task or instruction as batch['{TASK_KEY}'] (LeRobot's "
+                "rollout does from the env's task_description; lerobot_ript's collector and evaluation do)."
+            )
+        if isinstance(tasks, str):
+            tasks = [tasks] * batch_size
+        if len(tasks) != batch_size:
+            raise ValueError(
+                f"batch['{TASK_KEY}'] holds {len(tasks)} strings for {batch_size} rows; send one per row."
+            )
+        try:
+            index = [self._task_index[t] for t in tasks]
+        except KeyError as err:
+            raise ValueError(
+                f"batch['{TASK_KEY}'] holds {err.args[0]!r}, which is none of this policy's tasks {self.task_names} "
+                "(policy.task_names; each task's name or MetaWorld instruction). Evaluate the policy on the tasks it "
+                "was trained on, or train it with this task in env.task."
+            ) from None
+        return torch.tensor(index, dtype=torch.long, device=self.task_embedding.device)
 
     def encode_observation(self, batch: dict[str, Tensor]) -> Tensor:
         feats = []
@@ -128,7 +163,10 @@ class SmallBackbone(RiptBackbone):
             b, n = images.shape[:2]
             enc = self.image_encoder(images.flatten(0, 1)).view(b, n, -1) + self.camera_embedding
             feats.append(enc.flatten(1))
-        return self.obs_proj(torch.cat(feats, dim=-1))  # (B, hidden)
+        context = self.obs_proj(torch.cat(feats, dim=-1))  # (B, hidden)
+        if self.task_names is not None:
+            context = context + self.task_embedding[self.task_indices(batch, context.shape[0])]
+        return context
 
     def repeat_context(self, context: Tensor, repeats: int) -> Tensor:
         return context.repeat(repeats, 1)

@@ -4,8 +4,8 @@ smaller Llama action expert denoises the chunk (the suffix) by self- and cross-a
 The flow time enters through the action-time MLP, as in pi0. SmolVLA's expert norms take no condition (its
 `SmolVLMWithExpertModel.forward` calls them with the hidden states only), so every expert norm (both per layer
 and the final one) becomes a `LabelNorm`: the checkpoint's RMSNorm (its `.weight` kept under the same name)
-followed by a zero-initialised scale and shift from the label, which the backbone places in a `LabelSlot`
-shared by those norms for the duration of one expert pass. The label is also added inside the action-time MLP
+followed by a scale and shift from the label (all norms' from one zero-initialised layer, `StackedLabelFilm`),
+which the backbone places in a `LabelSlot` shared by those norms for the duration of one expert pass. The label is also added inside the action-time MLP
 (zero-initialised). Nothing changes at start.
 
 The expert passes follow `VLAFlowMatching.forward` / `sample_actions` / `denoise_step` of LeRobot 0.6.1, with
@@ -23,7 +23,14 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from lerobot_ript.policy.backbones.base import RiptBackbone
-from lerobot_ript.policy.backbones.vla import load_wrapped_policy, repeat_cache, repeat_rows, zero_linear
+from lerobot_ript.policy.backbones.vla import (
+    StackedLabelFilm,
+    label_modulate,
+    load_wrapped_policy,
+    repeat_cache,
+    repeat_rows,
+    zero_linear,
+)
 
 
 class PrefixInputs(NamedTuple):
@@ -42,35 +49,31 @@ class PrefixCache(NamedTuple):
 
 
 class LabelSlot:
-    """The label condition (B, cond) of the expert pass in progress, read by every LabelNorm (None outside)."""
+    """The stacked label modulations (`StackedLabelFilm`) of the expert pass in progress, read by every LabelNorm
+    (None outside a pass)."""
 
     def __init__(self) -> None:
-        self.cond: Tensor | None = None
+        self.mods: Tensor | None = None
 
 
 class LabelNorm(nn.Module):
-    """`norm(x) * (1 + scale) + shift` with (scale, shift) from the slot's label condition through a
-    zero-initialised layer; without a condition in the slot it is the wrapped norm."""
+    """The wrapped norm followed by the label modulation of its index (`label_modulate`) from the slot; without
+    modulations in the slot it is the wrapped norm."""
 
-    def __init__(self, norm: nn.Module, cond_dim: int, slot: LabelSlot) -> None:
+    def __init__(self, norm: nn.Module, index: int, slot: LabelSlot) -> None:
         super().__init__()
         self.weight = norm.weight  # same key as the wrapped norm: the checkpoint's `...layernorm.weight`
         self.variance_epsilon = norm.variance_epsilon
         self._norm_forward = type(
             norm
         ).forward  # LlamaRMSNorm.forward, reading only weight / variance_epsilon
-        self.label_film = zero_linear(cond_dim, 2 * int(norm.weight.shape[0]))
+        self.index = index
         self._slot = slot
 
     def forward(self, x: Tensor) -> Tensor:
         out = self._norm_forward(self, x)
-        cond = self._slot.cond
-        if cond is None:
-            return out
-        scale, shift = self.label_film(cond).chunk(2, dim=-1)  # each (B, hidden)
-        if out.dim() == 3:
-            scale, shift = scale[:, None], shift[:, None]
-        return (out * (1 + scale.float()) + shift.float()).to(out.dtype)
+        mods = self._slot.mods
+        return out if mods is None else label_modulate(out, mods, self.index)
 
 
 class SmolVLABackbone(RiptBackbone):
@@ -94,10 +97,11 @@ class SmolVLABackbone(RiptBackbone):
         self.label_to_action_time = zero_linear(w, w)
         self._slot = LabelSlot()
         expert = vwe.lm_expert
-        for layer in expert.layers:
-            layer.input_layernorm = LabelNorm(layer.input_layernorm, w, self._slot)
-            layer.post_attention_layernorm = LabelNorm(layer.post_attention_layernorm, w, self._slot)
-        expert.norm = LabelNorm(expert.norm, w, self._slot)
+        for i, layer in enumerate(expert.layers):
+            layer.input_layernorm = LabelNorm(layer.input_layernorm, 2 * i, self._slot)
+            layer.post_attention_layernorm = LabelNorm(layer.post_attention_layernorm, 2 * i + 1, self._slot)
+        expert.norm = LabelNorm(expert.norm, 2 * len(expert.layers), self._slot)
+        self.label_film = StackedLabelFilm(w, 2 * len(expert.layers) + 1, int(expert.norm.weight.shape[0]))
 
     @property
     def model(self):
@@ -199,8 +203,8 @@ class SmolVLABackbone(RiptBackbone):
 
     @contextlib.contextmanager
     def _label(self, label: Tensor) -> Iterator[None]:
-        self._slot.cond = label
+        self._slot.mods = self.label_film(label)  # every expert norm's (1 + scale, shift)
         try:
             yield
         finally:
-            self._slot.cond = None
+            self._slot.mods = None

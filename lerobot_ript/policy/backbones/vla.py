@@ -187,7 +187,8 @@ def _check_weights_loaded(policy: nn.Module, weights: Path, path: str, probes: i
             name = key if key in state else f"model.{key}"
             if name not in state or tuple(state[name].shape) != tuple(f.get_slice(key).get_shape()):
                 continue
-            if not torch.equal(state[name].float().cpu(), f.get_tensor(key).float()):
+            # compared in the model's dtype: a float32 checkpoint loaded with vla_dtype=bfloat16 was rounded
+            if not torch.equal(state[name].cpu(), f.get_tensor(key).to(state[name].dtype)):
                 raise RuntimeError(
                     f"the {path} weights were not loaded into the {type(policy).__name__} ('{name}' differs from "
                     "the file): LeRobot returned a randomly initialised model. Check the checkpoint and the "
@@ -210,6 +211,28 @@ def zero_linear(in_features: int, out_features: int) -> nn.Linear:
     nn.init.zeros_(layer.weight)
     nn.init.zeros_(layer.bias)
     return layer
+
+
+class StackedLabelFilm(nn.Module):
+    """The label modulation of every norm of an action expert from ONE zero-initialised layer: label condition
+    (B, cond) -> (B, num_norms, 2, 1, dim) holding each norm's (1 + scale, shift). One matmul and one parameter
+    pair per expert pass instead of a small layer per norm (`benchmarks/vla_overhead.py`: the per-norm layers
+    made SmolVLA's update 1.12x LeRobot's on a CPU)."""
+
+    def __init__(self, cond_dim: int, num_norms: int, dim: int) -> None:
+        super().__init__()
+        self.num_norms, self.dim = num_norms, dim
+        self.proj = zero_linear(cond_dim, num_norms * 2 * dim)
+        self.register_buffer("one_zero", torch.tensor([1.0, 0.0]).view(2, 1, 1), persistent=False)
+
+    def forward(self, label: Tensor) -> Tensor:
+        return self.proj(label).view(-1, self.num_norms, 2, 1, self.dim) + self.one_zero
+
+
+def label_modulate(out: Tensor, mods: Tensor, index: int) -> Tensor:
+    """`out * (1 + scale) + shift` of norm `index`, mods from `StackedLabelFilm`; out (B, T, dim)."""
+    m = mods[:, index]  # (B, 2, 1, dim)
+    return torch.addcmul(m[:, 1], out, m[:, 0]).to(out.dtype)
 
 
 def repeat_cache(cache, repeats: int):
