@@ -17,6 +17,7 @@ import io
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -213,26 +214,31 @@ def zero_linear(in_features: int, out_features: int) -> nn.Linear:
     return layer
 
 
+class LabelMods(NamedTuple):
+    """Every norm's label modulation for one expert pass: `scale1[i]` (= 1 + scale) and `shift[i]`, (B, 1, dim)."""
+
+    scale1: tuple[Tensor, ...]
+    shift: tuple[Tensor, ...]
+
+
 class StackedLabelFilm(nn.Module):
     """The label modulation of every norm of an action expert from ONE zero-initialised layer: label condition
-    (B, cond) -> (B, num_norms, 2, 1, dim) holding each norm's (1 + scale, shift). One matmul and one parameter
-    pair per expert pass instead of a small layer per norm (`benchmarks/vla_overhead.py`: the per-norm layers
-    made SmolVLA's update 1.12x LeRobot's on a CPU)."""
+    (B, cond) -> `LabelMods`. One matmul and one parameter pair per expert pass instead of a small layer per
+    norm (`benchmarks/vla_overhead.py`: the per-norm layers made SmolVLA's update 1.12x LeRobot's on a CPU)."""
 
     def __init__(self, cond_dim: int, num_norms: int, dim: int) -> None:
         super().__init__()
         self.num_norms, self.dim = num_norms, dim
         self.proj = zero_linear(cond_dim, num_norms * 2 * dim)
-        self.register_buffer("one_zero", torch.tensor([1.0, 0.0]).view(2, 1, 1), persistent=False)
 
-    def forward(self, label: Tensor) -> Tensor:
-        return self.proj(label).view(-1, self.num_norms, 2, 1, self.dim) + self.one_zero
+    def forward(self, label: Tensor) -> LabelMods:
+        scale, shift = self.proj(label).view(-1, 2, self.num_norms, 1, self.dim).unbind(1)  # (B, n, 1, dim)
+        return LabelMods((scale + 1.0).unbind(1), shift.unbind(1))
 
 
-def label_modulate(out: Tensor, mods: Tensor, index: int) -> Tensor:
-    """`out * (1 + scale) + shift` of norm `index`, mods from `StackedLabelFilm`; out (B, T, dim)."""
-    m = mods[:, index]  # (B, 2, 1, dim)
-    return torch.addcmul(m[:, 1], out, m[:, 0]).to(out.dtype)
+def label_modulate(out: Tensor, mods: LabelMods, index: int) -> Tensor:
+    """`out * (1 + scale) + shift` of norm `index`; out (B, T, dim)."""
+    return torch.addcmul(mods.shift[index], out, mods.scale1[index]).to(out.dtype)
 
 
 def repeat_cache(cache, repeats: int):
