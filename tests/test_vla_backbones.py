@@ -452,3 +452,27 @@ def test_float32_checkpoint_wraps_in_bfloat16(checkpoints, kind):
     loss, _ = policy(train_batch(pre))
     loss.backward()
     assert torch.isfinite(loss) and any(p.grad is not None for p in label_path(policy).values())
+
+
+def test_update_step_in_bf16_through_accelerate(checkpoints):
+    """One optimizer step of the loop's update_step with Accelerate's bf16 autocast (on a CPU here)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from lerobot_ript.train.update import update_step
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    try:
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        policy, pre, _ = wrap("pi05", checkpoints["pi05"])
+        opt = torch.optim.AdamW(policy.get_optim_params(), lr=1e-3)
+        policy, opt = accelerator.prepare(policy, opt)
+        before = {n: p.detach().clone() for n, p in label_path(policy).items()}
+        out = update_step(policy, [train_batch(pre)], opt, None, accelerator, grad_clip_norm=1.0)
+        assert accelerator.mixed_precision == "bf16"
+        assert out["loss"] == out["loss"] and out["grad_norm"] > 0  # finite, and a real gradient
+        assert any(not torch.equal(before[n], p) for n, p in label_path(policy).items())
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()

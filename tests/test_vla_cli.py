@@ -21,7 +21,6 @@ from conftest import make_tiny_dataset
 
 BIN = Path(sys.executable).parent
 TESTS = Path(__file__).parent
-KINDS = ("pi0", "pi05", "smolvla")
 
 
 def tiny_vla_env(tmp: Path) -> dict[str, str]:
@@ -59,7 +58,12 @@ def dataset(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("kind", KINDS)
+# About 30 s each (two fresh interpreters import LeRobot); pi05 runs in the default suite, pi0 and SmolVLA (the
+# same code path in LeRobot's CLIs; their wrappers are covered by the loop and reload tests) with `-m slow`.
+@pytest.mark.parametrize(
+    "kind",
+    [pytest.param("pi0", marks=pytest.mark.slow), "pi05", pytest.param("smolvla", marks=pytest.mark.slow)],
+)
 def test_lerobot_train_then_lerobot_eval_with_a_wrapped_vla(kind, dataset, tmp_path):
     pytest.importorskip("metaworld")
     ckpt = vf.make_tiny_vla_checkpoint(kind, tmp_path / f"{kind}_base")
