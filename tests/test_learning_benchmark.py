@@ -136,3 +136,24 @@ def test_quick_smoke_two_arms(tmp_path):
 def test_quick_smoke_every_arm(tmp_path):
     arms = ["ript", "bc", "filtered", "no_dynamic", "no_guidance", "weighted"]
     _check(tmp_path, arms, _run(tmp_path, arms))
+
+
+def test_quick_smoke_on_another_task_with_its_own_sft_settings(tmp_path):
+    """`--task` and the SFT settings reach the SFT run and the arm; another task on the same --out is refused."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, str(SCRIPT), "arm", "--quick", "--arm", "ript", "--out", str(tmp_path)]
+    args = ["--task", "reach-v3", "--num-demos", "3", "--demo-noise", "0.1", "--episode-length", "25"]
+    proc = subprocess.run(base + args, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for run in ("sft", "ript_seed0"):
+        cfg = json.loads(
+            (tmp_path / run / "checkpoints" / "last" / "pretrained_model" / "train_config.json").read_text()
+        )
+        assert cfg["env"]["task"] == "reach-v3" and cfg["env"]["episode_length"] == 25, run
+    sft_cfg = json.loads(
+        (tmp_path / "sft" / "checkpoints" / "last" / "pretrained_model" / "train_config.json").read_text()
+    )
+    assert sft_cfg["data"]["num_demos"] == 3 and sft_cfg["data"]["demo_noise"] == 0.1
+    assert "(reach-v3, held-out initial states)" in (tmp_path / "RESULTS.md").read_text()
+    other = subprocess.run(base + ["--task", "push-v3"], env=env, capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and "use another --out" in other.stdout + other.stderr

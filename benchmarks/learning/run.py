@@ -10,6 +10,8 @@
     python benchmarks/learning/run.py all [--quick] [--seeds 0 1 2] [--arms ript bc ...] [--jobs 2]
     python benchmarks/learning/run.py all --arms ript filtered --seeds 0 --out benchmarks/learning/runs_3840 \
         --set rollout.max_train_episodes=3840 eval.eval_interval=10   # a larger budget (link runs/sft there)
+    python benchmarks/learning/run.py all --task drawer-open-v3 --num-demos 10 --demo-noise 0.5 \
+        --episode-length 200 --arms ript filtered --out benchmarks/learning/runs_drawer   # another task
 
 Every arm starts from the same SFT checkpoint and stops after `rollout.max_train_episodes` training rollouts;
 success is measured on held-out initial states (seeds >= 1,000,000, never trained on) with 200 episodes per
@@ -153,11 +155,31 @@ def _train(args: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def sft(out: Path, quick: bool) -> Path:
-    """Record demos and SFT once; the checkpoint every arm starts from."""
+def task_overrides(task: str | None, demos: int | None, noise: float | None, length: int | None) -> list[str]:
+    """The task and SFT settings given on the command line (None: base.yaml's push-v3 settings), for the SFT run
+    and every arm alike: an arm's env must be the one its SFT demos came from."""
+    pairs = [
+        ("env.task", task),
+        ("data.num_demos", demos),
+        ("data.demo_noise", noise),
+        ("env.episode_length", length),
+    ]
+    return [f"--{key}={value}" for key, value in pairs if value is not None]
+
+
+def sft(out: Path, quick: bool, task_args: tuple[str, ...] = ()) -> Path:
+    """Record demos and SFT once; the checkpoint every arm starts from. The task settings it ran with are kept
+    in `sft/task_args.json`, and a later call with other settings (the same --out) fails instead of mixing."""
     run_dir = out / "sft"
     ckpt = run_dir / "checkpoints" / "last" / "pretrained_model"
+    record = run_dir / "task_args.json"
     if ckpt.exists():
+        done = json.loads(record.read_text()) if record.exists() else []
+        if done != list(task_args):
+            raise SystemExit(
+                f"{run_dir} was trained with task settings {done or 'of base.yaml'}, not {list(task_args)}: use "
+                "another --out for another task or other SFT settings."
+            )
         return run_dir
     args = [
         f"--output_dir={run_dir}",
@@ -165,13 +187,16 @@ def sft(out: Path, quick: bool) -> Path:
         "--experiment_name=sft",
         "--eval.eval_at_start=true",
     ]
-    wall = _train(args + (QUICK if quick else []), out / "sft.log")
+    wall = _train(args + (QUICK if quick else []) + list(task_args), out / "sft.log")
     (run_dir / "wall_time_s.txt").write_text(f"{wall:.1f}\n")
+    record.write_text(json.dumps(list(task_args)))
     return run_dir
 
 
-def arm(out: Path, name: str, seed: int, quick: bool, extra: tuple[str, ...] = ()) -> Path:
-    sft_dir = sft(out, quick)
+def arm(
+    out: Path, name: str, seed: int, quick: bool, extra: tuple[str, ...] = (), task_args: tuple[str, ...] = ()
+) -> Path:
+    sft_dir = sft(out, quick, task_args)
     run_dir = out / f"{name}_seed{seed}"
     if (run_dir / "result.json").exists():
         return run_dir
@@ -184,7 +209,10 @@ def arm(out: Path, name: str, seed: int, quick: bool, extra: tuple[str, ...] = (
         "--data.dataset_id=local/demos",
         f"--data.dataset_root={sft_dir / 'demos'}",
     ]
-    wall = _train(args + (QUICK if quick else []) + overrides + list(extra), out / f"{name}_seed{seed}.log")
+    wall = _train(
+        args + (QUICK if quick else []) + list(task_args) + overrides + list(extra),
+        out / f"{name}_seed{seed}.log",
+    )
     history = json.loads(
         sorted((run_dir / "checkpoints").glob("0*/training_state/ript_state_0.json"))[-1].read_text()
     )["history"]
@@ -420,8 +448,10 @@ def report(out: Path) -> Path:
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*_seed*/result.json"))]
     sft_state = sorted((out / "sft" / "checkpoints").glob("0*/training_state/ript_state_0.json"))
     sft_hist = json.loads(sft_state[-1].read_text())["history"] if sft_state else []
+    sft_config = out / "sft" / "checkpoints" / "last" / "pretrained_model" / "train_config.json"
+    task = json.loads(sft_config.read_text())["env"]["task"] if sft_config.exists() else "push-v3"
     lines = [
-        "# Learning benchmark: SFT -> RIPT against baselines (push-v3, held-out initial states)",
+        f"# Learning benchmark: SFT -> RIPT against baselines ({task}, held-out initial states)",
         "",
         "Command: `python benchmarks/learning/run.py all` (settings: `benchmarks/learning/base.yaml`, arms in "
         "`run.py`). Success on held-out seeds (>= 1,000,000), 95% Wilson interval.",
@@ -596,6 +626,14 @@ def main(argv: list[str] | None = None) -> int:
         help="extra overrides for every arm (not the SFT run), e.g. rollout.max_train_episodes=3840; use a "
         "separate --out (the SFT checkpoint can be linked there: it is reused when present)",
     )
+    p.add_argument("--task", help="sft / arm / all: the MetaWorld task (default: base.yaml's push-v3)")
+    p.add_argument(
+        "--num-demos", type=int, help="sft / arm / all: scripted demos for the SFT start (default 5)"
+    )
+    p.add_argument(
+        "--demo-noise", type=float, help="sft / arm / all: the demos' action noise std (default 0.3)"
+    )
+    p.add_argument("--episode-length", type=int, help="sft / arm / all: the episode horizon (default 150)")
     p.add_argument("--run", type=Path, help="guidance / regions: the finished run directory to evaluate")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0], help="guidance: scales w")
     p.add_argument(
@@ -622,16 +660,18 @@ def main(argv: list[str] | None = None) -> int:
         branches(a.run, a.frames, a.scales)
         return 0
     extra = tuple(f"--{kv.removeprefix('--')}" for kv in a.set)
+    task_args = tuple(task_overrides(a.task, a.num_demos, a.demo_noise, a.episode_length))
     a.out.mkdir(parents=True, exist_ok=True)
     if a.command == "sft":
-        sft(a.out, a.quick)
+        sft(a.out, a.quick, task_args)
     elif a.command == "arm":
-        arm(a.out, a.arm, a.seed, a.quick, extra)
+        arm(a.out, a.arm, a.seed, a.quick, extra, task_args)
     elif a.command == "all":
-        sft(a.out, a.quick)
+        sft(a.out, a.quick, task_args)
         runs = [(name, seed) for seed in a.seeds for name in a.arms]
         with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:  # each arm is its own process
-            for future in [pool.submit(arm, a.out, name, seed, a.quick, extra) for name, seed in runs]:
+            jobs = [pool.submit(arm, a.out, name, seed, a.quick, extra, task_args) for name, seed in runs]
+            for future in jobs:
                 future.result()
     path = report(a.out)
     sys.stdout.write(path.read_text())
