@@ -211,6 +211,21 @@ def files_containing(root: Path, needle: str) -> list[str]:
             ["--env.obs_type=state_pixels", "--data.replay_iterations=2"],
             ["data.replay_iterations=2", "without camera frames", "--data.replay_iterations=1"],
         ),
+        (
+            ["--env.task=mt4"],
+            ["env.task='mt4' is not a MetaWorld v3 task or task set", "Did you mean 'mt5' or"],
+        ),
+        (
+            ["--env.task=push-v3,push-back-v3"],
+            ["env.task='push-v3,push-back-v3'", "share the instruction", "separate runs"],
+        ),
+        (
+            ["--env.task=mt3", "--policy.task_names=[push-v3]"],
+            [
+                "policy.task_names=['push-v3'] lacks ['reach-v3', 'drawer-open-v3']",
+                "leave policy.task_names unset",
+            ],
+        ),
     ],
     ids=[
         "unknown-cli-key",
@@ -228,6 +243,9 @@ def files_containing(root: Path, needle: str) -> list[str]:
         "repel-without-bad-frames",
         "weighted-with-advantage-draws",
         "image-policy-replay",
+        "unknown-task-set",
+        "tasks-sharing-an-instruction",
+        "task-names-without-an-env-task",
     ],
 )
 def test_invalid_config_fails_fast_with_value_rule_and_fix(args, expected):
@@ -269,9 +287,14 @@ def test_main_validates_before_building_the_accelerator(monkeypatch):
 def test_every_shipped_config_parses(path):
     from lerobot_ript.train.cli import parse_config
 
-    cfg = parse_config(["--config_path", str(path)])
+    # the VLA presets need the user's checkpoint (validate() asks for it before any process starts)
+    extra = ["--policy.backbone_path=user/checkpoint"] if "backbone:" in path.read_text() else []
+    cfg = parse_config(["--config_path", str(path), *extra])
     assert cfg.rollout.rloo_batch_size >= 2
-    assert parse_config(["--config_path", path.stem]) == cfg  # the preset name resolves to the same file
+    assert parse_config(["--config_path", path.stem, *extra]) == cfg  # the preset name resolves to the same file
+    if extra:
+        with pytest.raises(ValueError, match="--policy.backbone_path="):
+            parse_config(["--config_path", str(path)])
 
 
 # --------------------------------------------------------------------- 2 + 7. a debug run pushed to a Hub
@@ -1084,3 +1107,156 @@ def test_loop_trains_an_image_policy_on_rendered_demos_and_rollouts(
     assert config["input_features"][key] == {"type": "VISUAL", "shape": [3, 16, 16]}
     state = json.loads((out / "checkpoints" / "last" / "training_state" / "ript_state_0.json").read_text())
     assert state["iteration"] == 1 and state["replay"][0][0]["task"] == instruction
+
+
+# ------------------------------------------------------------------------------------- 10. several tasks
+def test_eval_runs_each_task_and_logs_its_success_and_the_mean(fresh_accelerate_state, tmp_path, monkeypatch):
+    """env.task=mt3, 4 held-out episodes per task: each task is evaluated in its own env with its instruction,
+    and logged as eval/success_rate/<task>, with the mean over tasks (the pooled rate) as eval/success_rate and its
+    interval; the history entry keeps the per-task rates (the plot draws them). One task logs what it always did."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    import lerobot_ript.train.loop as loop
+    from lerobot_ript.envs.metaworld import MetaWorldStateEnvConfig, task_instruction
+    from lerobot_ript.rollout.evaluate import EvalResult, wilson_interval
+    from lerobot_ript.train.config import RiptTrainConfig
+
+    wins = {"push-v3": [1, 1, 0, 0], "reach-v3": [1, 1, 1, 1], "drawer-open-v3": [0, 0, 0, 0]}
+    calls = []
+
+    def evaluate(make_env, policy, seeds, *, num_envs, max_episode_steps):
+        env = make_env(1)
+        try:
+            (described,) = env.call("task_description")
+        finally:
+            env.close()
+        calls.append((policy, described, list(seeds)))
+        name = next(t for t in wins if task_instruction(t) == policy)
+        return EvalResult(successes=np.array(wins[name], bool)[: len(seeds)], env_steps=0)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    monkeypatch.setattr(loop, "make_chunk_policy", lambda *args, task, **kwargs: task)
+    cfg = RiptTrainConfig(output_dir=str(tmp_path))
+    cfg.env = MetaWorldStateEnvConfig(task="mt3", episode_length=10)
+    cfg.eval.eval_episodes = 4
+    run = SimpleNamespace(
+        cfg=cfg,
+        accelerator=Accelerator(cpu=True),
+        model=SimpleNamespace(eval=lambda: None, config=SimpleNamespace(n_action_steps=4)),
+        preprocessor=None,
+        postprocessor=None,
+        state=loop.RunState(),
+    )
+    metrics = loop.run_eval(run, 0)
+    instructions = [task_instruction(t) for t in wins]
+    seeds = [1_000_000 + i for i in range(4)]
+    assert calls == [(i, i, seeds) for i in instructions]  # each task in its own env, the same held-out seeds
+    assert {k: metrics[k] for k in metrics if k.startswith("eval/success_rate")} == {
+        "eval/success_rate": 0.5,
+        "eval/success_rate/push-v3": 0.5,
+        "eval/success_rate/reach-v3": 1.0,
+        "eval/success_rate/drawer-open-v3": 0.0,
+    }
+    assert (metrics["eval/ci_low"], metrics["eval/ci_high"]) == wilson_interval(6, 12)
+    (entry,) = run.state.history
+    assert entry["n"] == 12 and entry["tasks"] == {"push-v3": 0.5, "reach-v3": 1.0, "drawer-open-v3": 0.0}
+    assert (tmp_path / "success.png").stat().st_size > 0
+
+    cfg.env = MetaWorldStateEnvConfig(task="push-v3", episode_length=10)
+    metrics = loop.run_eval(run, 1)
+    assert sorted(metrics) == ["eval/ci_high", "eval/ci_low", "eval/success_rate", "time/eval_s"]
+    assert metrics["eval/success_rate"] == 0.5 and "tasks" not in run.state.history[-1]
+
+
+def test_loop_trains_one_policy_on_two_tasks(fresh_accelerate_state, tmp_path, monkeypatch):
+    """One real iteration with --env.task=push-v3,reach-v3 (seed 1 draws a group of each): demos of both tasks
+    in one dataset, the policy conditioned on both (task_names in its config.json, the embedding trained and
+    reloaded), every batch carrying each row's instruction, rollouts of both tasks with init_hash of their task,
+    the collector sending each row's instruction itself, each task evaluated with its own, and per-task rollout
+    and eval success in metrics.jsonl."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from lerobot.policies.factory import get_policy_class
+
+    import lerobot_ript.train.loop as loop
+    from lerobot_ript.data.writer import init_hash_of
+    from lerobot_ript.train.cli import parse_config
+
+    tasks = ["push-v3", "reach-v3"]
+    push, reach = "Push the puck to a goal", "Reach a goal position"
+    out = tmp_path / "out"
+    cfg = parse_config(
+        [
+            "--config_path",
+            str(DEBUG_YAML),
+            f"--output_dir={out}",
+            *TINY,
+            "--num_train_steps=1",
+            "--seed=1",
+            f"--env.task={','.join(tasks)}",
+            "--rollout.groups_per_round=2",
+            "--rollout.max_groups_per_step=2",
+            "--rollout.rollout_goal_per_step=4",
+            "--advantage.estimator=success",  # failed rollouts are labelled bad and trained with bad_share
+            "--data.good_share=0.5",
+            "--data.bad_share=0.5",
+        ]
+    )
+    batches, results, chunk_tasks = [], [], []
+    real_update, real_collect, real_chunk_policy = loop.update_step, loop.collect, loop.make_chunk_policy
+
+    def update_step(policy, micro_batches, *args, **kwargs):
+        batches.extend(micro_batches)
+        return real_update(policy, micro_batches, *args, **kwargs)
+
+    def collect(run, collector):
+        results.append(real_collect(run, collector))
+        return results[-1]
+
+    def make_chunk_policy(*args, **kwargs):
+        chunk_tasks.append(kwargs.get("task"))
+        return real_chunk_policy(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "update_step", update_step)
+    monkeypatch.setattr(loop, "collect", collect)
+    monkeypatch.setattr(loop, "make_chunk_policy", make_chunk_policy)
+    threads = torch.get_num_threads()
+    try:
+        run = loop.train(cfg, loop.build_accelerator(cfg))
+    finally:
+        torch.set_num_threads(threads)
+
+    assert run.model.config.task_names == tasks
+    # eval at start per task, the rollouts (the collector sends each row's instruction), the final eval per task
+    assert chunk_tasks == [push, reach, None, push, reach]
+    demos = LeRobotDataset("local/push-v3_reach-v3-demos", root=out / "demos")
+    assert demos.num_episodes == 2 and sorted(demos.meta.tasks.index) == [push, reach]
+    (result,) = results
+    episodes = result.all_episodes
+    assert {ep.task for ep in episodes} == {push, reach} and len(episodes) == 4
+    for ep in episodes:
+        name = tasks[[push, reach].index(ep.task)]
+        assert ep.init_hash == init_hash_of(name, ep.states[0])
+    assert len(batches) == 3 and {t for b in batches for t in b["task"]} == {push, reach}
+    for batch in batches:
+        assert len(batch["task"]) == 8 and set(batch["task"]) <= {push, reach}
+
+    lines = read_metrics(out)
+    start, iteration, final = lines[1], lines[2], lines[3]  # lines[0]: SFT
+    for line in (start, final):
+        assert {"eval/success_rate/push-v3", "eval/success_rate/reach-v3"} <= line.keys()
+        mean = (line["eval/success_rate/push-v3"] + line["eval/success_rate/reach-v3"]) / 2
+        assert line["eval/success_rate"] == pytest.approx(mean)
+    assert {"rollout/success_rate/push-v3", "rollout/success_rate/reach-v3"} <= iteration.keys()
+    history = json.loads((out / "checkpoints" / "last" / "training_state" / "ript_state_0.json").read_text())
+    assert [set(h["tasks"]) for h in history["history"]] == [set(tasks)] * 2
+    # the curriculum and the state -> init_hash table key states of both tasks: ids [0, 200) and [200, 400)
+    states = sorted(int(k) for k in history["curriculum"]["counts"])
+    assert sorted(int(k) for k in history["seed_hash"]) == states and [s // 200 for s in states] == [0, 1]
+
+    saved = ckpt(out, "last")
+    assert json.loads((saved / "config.json").read_text())["task_names"] == tasks
+    reloaded = get_policy_class("ript").from_pretrained(saved)  # strict: the embedding must be in the file
+    embedding = run.model.backbone.task_embedding.detach()
+    assert torch.equal(reloaded.backbone.task_embedding, embedding) and embedding.abs().sum() > 0
