@@ -35,7 +35,7 @@ from lerobot_ript.envs.metaworld import (
 )
 from lerobot_ript.rollout.collector import GroupedCollector, SeedSampler, make_chunk_policy
 from lerobot_ript.rollout.evaluate import evaluate, wilson_interval
-from lerobot_ript.rollout.sampling import SkipTracker
+from lerobot_ript.rollout.sampling import SkipTracker, StateCurriculum
 
 pytestmark = pytest.mark.filterwarnings("ignore:Constant\\(s\\) may be too high:UserWarning")
 
@@ -882,3 +882,170 @@ def test_evaluate_is_independent_of_how_seeds_are_batched(env_cfg):
 
     failing = evaluate(make, GroupPolicy(1, n_steps=4), [3, 6, 8], num_envs=2, max_episode_steps=6)
     assert failing.successes.tolist() == [False] * 3 and failing.env_steps == 3 * 6
+
+
+# ------------------------------------------------------------------------------------------ several tasks
+OTHER_TASK = (
+    "reach-v3"  # the scripted expert reaches within 51 steps from seeds 0..5; random actions never do
+)
+
+
+class TaskPolicy:
+    """ChunkPolicy for a multi-task collector: each row acts by the instruction the collector sent with it
+    (`obs["task"]`): the reach expert on reach-v3 rows, uniform random actions on push-v3 rows. Records the
+    (instruction, goal) of every row of every call."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.expert = scripted_expert(OTHER_TASK)
+        self.rng = np.random.default_rng(seed)
+        self.rows: list[tuple[str, tuple[float, ...]]] = []
+
+    def __call__(self, obs: dict) -> np.ndarray:
+        states, tasks = obs["agent_pos"], obs["task"]
+        assert len(tasks) == len(states)
+        chunk = self.rng.uniform(-1, 1, (len(states), 1, ACTION_DIM)).astype(np.float32)
+        for r, (state, task) in enumerate(zip(states, tasks, strict=True)):
+            self.rows.append((task, goal_key(state)))
+            if task == task_instruction(OTHER_TASK):
+                chunk[r, 0] = self.expert(state)
+        return chunk
+
+
+def test_multi_task_collector_draws_groups_across_tasks_with_their_envs_hashes_and_instructions(env_cfg):
+    """push-v3 and reach-v3, 2 slots x K=2, 4 groups per collect(), states drawn by SeedSampler(num_tasks=2):
+    both tasks are drawn; each group ran in an env of its task (the reach expert, chosen by each row's
+    `obs["task"]`, solves exactly the reach groups); every episode carries its task's instruction and
+    init_hash_of(its task NAME, its initial state), equal to a fresh env's of that task and seed; per-task
+    success rates are in the stats; the envs of each task are built once and reused by the next collect()."""
+    from lerobot_ript.rollout.collector import CollectTask
+
+    k, names = 2, (TASK, OTHER_TASK)
+    built = {name: 0 for name in names}
+
+    def factory(name: str):
+        def make() -> gym.vector.VectorEnv:
+            built[name] += 1
+            return make_vector_env(env_cfg, k, task=name)
+
+        return make
+
+    tasks = [CollectTask(name, task_instruction(name), factory(name)) for name in names]
+    sampler = SeedSampler(pool_size=3, seed=2, num_tasks=2)  # draws both tasks in each collect()
+    policy = TaskPolicy()
+    collector = GroupedCollector(
+        policy=policy,
+        tasks=tasks,
+        group_size=k,
+        num_slots=2,
+        goal_rollouts=8,
+        max_groups=4,
+        seed_sampler=sampler,
+        dynamic_sampling=False,
+        max_episode_steps=60,
+    )
+    try:
+        first = collector.collect()
+        built_first = dict(built)
+        second = collector.collect()
+        for slot in collector.slots:  # each slot holds an env of the task it ran last
+            assert slot.env.call("task_description") == (tasks[slot.task].instruction,) * k
+    finally:
+        collector.close()
+    # (task, seed) -> (initial state, init_hash) of a fresh single env of that task
+    expected = {}
+    for name in names:
+        env = MetaWorldStateEnv(task=name, episode_length=ENV_HORIZON)
+        try:
+            for seed in range(3):
+                state = env.reset(seed=seed)[0]["agent_pos"]
+                expected[name, seed] = (state, init_hash_of(name, env.init_state_key()))
+        finally:
+            env.close()
+    for result in (first, second):
+        assert_consistent(result, k)
+        drawn = {ep.task for ep in result.episodes}
+        assert drawn == {task_instruction(n) for n in names}  # both tasks, 4 groups each call
+        for group in groups_of(result.episodes, k):
+            name = next(n for n in names if task_instruction(n) == group[0].task)
+            seeds = [s for s in range(3) if np.array_equal(expected[name, s][0], group[0].states[0])]
+            assert len(seeds) == 1  # the group started from one of its task's pool states
+            assert {ep.init_hash for ep in group} == {expected[name, seeds[0]][1]}
+            assert all(ep.success == (name == OTHER_TASK) for ep in group)
+        assert result.stats.task_success_rate == {TASK: 0.0, OTHER_TASK: 1.0}
+        logged = result.stats.as_dict()
+        assert logged[f"rollout/success_rate/{TASK}"] == 0.0
+        assert logged[f"rollout/success_rate/{OTHER_TASK}"] == 1.0
+    # the same seed of the two tasks: different hashes (init_hash keys on the task)
+    assert all(expected[TASK, s][1] != expected[OTHER_TASK, s][1] for s in range(3))
+    # every row the policy saw carried the instruction of the task its goal belongs to
+    goals = {task_instruction(n): set() for n in names}
+    for task, goal in policy.rows:
+        goals[task].add(goal)
+    assert goals[task_instruction(TASK)].isdisjoint(goals[task_instruction(OTHER_TASK)])
+    # envs are built once per task and slot at most, then reused (the second collect() built none)
+    assert built == built_first and all(1 <= n <= 2 for n in built.values())
+    assert sum(len(g) for g in first.group_rewards) == 8
+
+
+def test_seed_sampler_over_several_tasks_and_its_checks(pool):
+    """num_tasks=3, 4 seeds from 10: states 10..21 cover every (task, seed); split gives each back; one task
+    draws what it always drew; a collector whose sampler draws another number of tasks is refused."""
+    sampler = SeedSampler(pool_size=4, start=10, seed=2, num_tasks=3)
+    states = {sampler() for _ in range(300)}
+    assert states == set(range(10, 22))
+    assert [sampler.split(s) for s in (10, 13, 14, 21)] == [(0, 10), (0, 13), (1, 10), (2, 13)]
+    # the curriculum weighs the states of every task against each other: task 0's states, always solved, are
+    # drawn less than task 1's, never tried (K = 8: weight about 0.23 against the prior's 0.61)
+    curriculum = StateCurriculum(group_size=8)
+    cur_sampler = SeedSampler(pool_size=4, start=10, seed=2, curriculum=curriculum, num_tasks=3)
+    for state in range(10, 14):
+        for _ in range(3):
+            cur_sampler.record(state, 8, 8)
+    drawn = [cur_sampler.split(cur_sampler())[0] for _ in range(600)]
+    assert drawn.count(0) < drawn.count(1) / 2 and drawn.count(1) > 150 and drawn.count(2) > 150
+    single, legacy = SeedSampler(pool_size=4, start=10, seed=2), np.random.default_rng(2)
+    assert [single() for _ in range(20)] == [10 + int(legacy.integers(4)) for _ in range(20)]
+    assert single.split(12) == (0, 12)
+    from lerobot_ript.rollout.collector import CollectTask
+
+    with pytest.raises(ValueError, match=r"num_tasks=2"):
+        GroupedCollector(
+            tasks=[CollectTask(TASK, "a", pool.factory(2)), CollectTask(OTHER_TASK, "b", pool.factory(2))],
+            group_size=2,
+            num_slots=1,
+            goal_rollouts=1,
+            max_groups=1,
+            seed_sampler=SeedSampler(3),
+        )
+    with pytest.raises(ValueError, match="not both"):
+        GroupedCollector(
+            pool.factory(2),
+            task=TASK,
+            tasks=[CollectTask(TASK, "a", pool.factory(2))],
+            group_size=2,
+            num_slots=1,
+            goal_rollouts=1,
+            max_groups=1,
+            seed_sampler=SeedSampler(3),
+        )
+
+
+def test_make_chunk_policy_sends_each_rows_task_from_the_observation(ript_policy, pool):
+    """A multi-task collector's `obs["task"]` (one instruction per row) becomes the batch's `task` as it is, in
+    place of the fixed `task` argument, and never reaches preprocess_observation as an observation."""
+    policy, pre, post, _ = ript_policy
+    env = pool.factory(2)()
+    try:
+        obs, _ = env.reset(seed=[1, 2])
+    finally:
+        pool.give_back(env)
+    seen = []
+
+    def spy(batch):
+        seen.append(dict(batch))
+        return pre(batch)
+
+    act = make_chunk_policy(policy, spy, post, guidance_scale=1.0, n_action_steps=4, task="fixed")
+    act({**obs, "task": ["first", "second"]})
+    assert seen[0]["task"] == ["first", "second"]
+    assert sorted(k for k in seen[0] if k != "task") == ["observation.state"]

@@ -256,6 +256,56 @@ def test_camera_frames_and_tasks_from_disk_equal_those_in_memory(tmp_path):
         assert torch.equal(a[key], b[key])
 
 
+def test_multi_task_demos_and_rollouts_keep_each_tasks_init_hash_and_instruction(tmp_path):
+    """Scripted demos of two tasks in one dataset (record_demos with a list, 2 each, as the loop records them)
+    and rollouts of both tasks from the same seeds: every episode's init_hash is init_hash_of(its task NAME, its
+    initial state), the same seed of the two tasks gives two hashes, and RiptDataset batches carry each row's
+    instruction (what a task-conditioned policy reads)."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from lerobot_ript.data.record_demos import demos_repo_id, record_demos
+    from lerobot_ript.envs.metaworld import MetaWorldStateEnv, task_instruction
+
+    tasks = ["push-v3", "reach-v3"]
+    result = record_demos(tasks, 2, 0.3, tmp_path / "demos", episode_length=6)
+    assert result.num_episodes == 4 and set(result.task_success_rate) == set(tasks)
+    demos = LeRobotDataset(demos_repo_id(tasks), root=tmp_path / "demos")
+    assert (
+        demos_repo_id(tasks) == "local/push-v3_reach-v3-demos"
+        and demos_repo_id("push-v3") == "local/push-v3-demos"
+    )
+    assert sorted(demos.meta.tasks.index) == sorted(task_instruction(t) for t in tasks)
+    expected = {}  # (task, seed) -> init_hash of a fresh env
+    for task in tasks:
+        env = MetaWorldStateEnv(task=task, episode_length=6)
+        try:
+            for seed in (0, 1):
+                env.reset(seed=seed)
+                expected[task, seed] = init_hash_of(task, env.init_state_key())
+        finally:
+            env.close()
+    assert len(set(expected.values())) == 4  # seeds 0 and 1 of two tasks: four states
+    data = RiptDataset(chunk_size=2)
+    data.add_lerobot_dataset(demos, as_demo=True)
+    batch = all_frames(data)
+    starts = data.ep_start.tolist()
+    assert [batch["task"][i] for i in starts] == [task_instruction(t) for t in tasks for _ in (0, 1)]
+    assert data.episode_hash.tolist() == [expected[t, s] for t in tasks for s in (0, 1)]
+
+    rollouts = []
+    for e, (task, seed) in enumerate(expected):
+        ep = episode(e, 3, 1.0 if e % 2 else -1.0)
+        ep.task, ep.init_hash = task_instruction(task), expected[task, seed]
+        rollouts.append(ep)
+    write_episodes(rollouts, tmp_path / "roll", "local/rollouts", FPS, with_advantages=True)
+    data.add_lerobot_dataset(LeRobotDataset("local/rollouts", root=tmp_path / "roll"))
+    batch = all_frames(data)
+    assert data.episode_hash.tolist()[4:] == list(expected.values())
+    rows = data.ep_start[4:].tolist()
+    assert [batch["task"][i] for i in rows] == [task_instruction(t) for t, _ in expected]
+    assert batch["init_hash"][rows].tolist() == list(expected.values())
+
+
 def test_mixing_episodes_with_and_without_camera_frames_fails_with_a_message(tiny_dataset_factory):
     mixed = RiptDataset(chunk_size=2)
     mixed.add_episodes([with_images(episode(0, 3, 1.0)), episode(1, 3, -1.0)])

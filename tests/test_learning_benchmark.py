@@ -50,6 +50,9 @@ def _check(tmp_path: Path, arms: list[str], proc: subprocess.CompletedProcess) -
         assert f"| {name} | 0 |" in text
     assert "RIPT's lead (points)" in text  # one seed per arm here: no interval over seeds, a "-"
     assert (tmp_path / "success.png").stat().st_size > 1000
+    # every arm against optimizer steps and training wall-clock as well as episodes
+    assert "Compute per arm" in text and all(f"| {name} | 1 |" in text for name in arms)
+    assert (tmp_path / "success_compute.png").stat().st_size > 1000
 
 
 def _run_module():

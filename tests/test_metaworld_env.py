@@ -137,6 +137,55 @@ def test_config_validates_before_building(kwargs, message):
         MetaWorldStateEnvConfig(**kwargs)
 
 
+def test_env_task_takes_one_task_a_list_or_a_named_set():
+    """`--env.task`: a name, a comma-separated list (spaces ignored) or a named set; unknown names get a "did you
+    mean" over tasks and sets; a task named twice or two tasks sharing an instruction are refused."""
+    from lerobot_ript.envs.metaworld import TASK_SETS, parse_tasks
+
+    assert parse_tasks("push-v3") == ["push-v3"]
+    assert parse_tasks(" push-v3, reach-v3 ,drawer-open-v3") == ["push-v3", "reach-v3", "drawer-open-v3"]
+    assert parse_tasks("mt3") == list(TASK_SETS["mt3"]) and len(TASK_SETS["mt5"]) == 5
+    for tasks in TASK_SETS.values():  # every set is valid: known names, distinct instructions
+        assert parse_tasks(",".join(tasks)) == list(tasks)
+    single = MetaWorldStateEnvConfig(task="push-v3")
+    assert single.tasks == ["push-v3"] and not single.is_multi_task
+    assert single.gym_kwargs == single.task_kwargs("push-v3") and single.gym_kwargs["task"] == "push-v3"
+    multi = MetaWorldStateEnvConfig(task="mt3")
+    assert multi.tasks == ["push-v3", "reach-v3", "drawer-open-v3"] and multi.is_multi_task
+    with pytest.raises(ValueError, match=r"names 3 tasks.*task_kwargs"):
+        multi.gym_kwargs  # noqa: B018 - the property raises
+    for spec, message in [
+        ("mt4", "task='mt4' is not a MetaWorld v3 task or task set. Did you mean 'mt5' or 'mt3'"),
+        ("push-v3,rech-v3", r"task='rech-v3' \(in 'push-v3,rech-v3'\) is not .* Did you mean 'reach-v3'"),
+        ("push-v3,push-v3", r"\['push-v3'\] more than once"),
+        ("push-v3,push-back-v3", "push-v3 and push-back-v3 share the instruction 'Push the puck to a goal'"),
+        (" , ", "names no task"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            MetaWorldStateEnvConfig(task=spec)
+
+
+def test_a_multi_task_config_builds_one_vector_env_per_task_for_lerobot():
+    """create_envs (what LeRobot's make_env and lerobot-eval call) gives one vector env per task, each
+    describing itself with its instruction; make_vector_env(task=...) builds any one of them."""
+    from lerobot.envs.factory import make_env
+
+    cfg = MetaWorldStateEnvConfig(task="push-v3,reach-v3", episode_length=10)
+    envs = make_env(cfg, n_envs=1)
+    try:
+        assert list(envs) == ["metaworld_state"] and sorted(envs["metaworld_state"]) == [0, 1]
+        descriptions = [envs["metaworld_state"][i].call("task_description") for i in (0, 1)]
+        assert descriptions == [("Push the puck to a goal",), ("Reach a goal position",)]
+    finally:
+        for env in envs["metaworld_state"].values():
+            env.close()
+    single = make_env(MetaWorldStateEnvConfig(task="push-v3", episode_length=10), n_envs=1)
+    try:
+        assert sorted(single["metaworld_state"]) == [0]  # one task: LeRobot's single-task layout
+    finally:
+        single["metaworld_state"][0].close()
+
+
 def test_success_flag_comes_from_metaworld_info():
     expert = scripted_expert(TASK)
     for terminate in (True, False):

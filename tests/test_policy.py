@@ -844,3 +844,133 @@ def test_safe_copy_refuses_a_backbone_whose_repeat_context_returns_a_view() -> N
         policy.predict_action_chunk(obs, guidance_scale=2.0)
     policy.backbone.repeat_context = lambda ctx, n: ctx.repeat(n, 1)  # new storage: accepted
     assert policy.predict_action_chunk(obs, guidance_scale=2.0).shape[0] == 3
+
+
+# ------------------------------------------------------------------------------------ task conditioning
+TASKS = ["push-v3", "reach-v3"]
+PUSH, REACH = "Push the puck to a goal", "Reach a goal position"  # their MetaWorld instructions
+
+TASK_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    from safetensors.torch import load_file
+    from lerobot.utils.import_utils import register_third_party_plugins
+    register_third_party_plugins()
+    from lerobot.policies.factory import get_policy_class
+
+    d = Path(sys.argv[1])
+    policy = get_policy_class("ript").from_pretrained(d).eval()
+    io = load_file(d / "io.safetensors")
+    tasks = json.loads((d / "tasks.json").read_text())
+    with torch.no_grad():
+        actions = policy.predict_action_chunk({"observation.state": io["obs"], "task": tasks}, noise=io["noise"])
+    print(json.dumps({
+        "max_abs_diff": float((actions - io["actions"]).abs().max()),
+        "task_names": policy.config.task_names,
+        "embedding": policy.backbone.task_embedding.tolist(),
+    }))
+    """
+)
+
+
+def test_a_single_task_policy_has_no_task_input_and_a_multi_task_one_starts_equal_to_it() -> None:
+    """task_names=None adds no parameter; with task_names the only new tensor is the task embedding, zero at
+    start and drawn from no RNG, so every other weight equals the single-task policy's of the same seed and so
+    do the actions, for any task. A training step's gradient reaches the rows of the tasks in the batch only."""
+    single = state_policy(seed=0, perturb=False)
+    multi = state_policy(seed=0, perturb=False, task_names=TASKS + ["drawer-open-v3"])
+    a, b = single.state_dict(), multi.state_dict()
+    assert set(b) - set(a) == {"backbone.task_embedding"} and set(a) <= set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not any("task" in k for k in a)
+    assert torch.equal(b["backbone.task_embedding"], torch.zeros(3, 32))
+    obs, noise = torch.randn(4, STATE_DIM), fixed_noise(4)
+    with torch.no_grad():
+        plain = single.predict_action_chunk({OBS_STATE: obs}, noise=noise)
+        tasked = multi.predict_action_chunk(
+            {OBS_STATE: obs, "task": [PUSH, REACH, "push-v3", REACH]}, noise=noise
+        )
+    assert torch.equal(plain, tasked)
+
+    batch = {**state_batch(b=4), "task": [PUSH, "push-v3", REACH, PUSH]}
+    loss, _ = multi.forward(batch)
+    loss.backward()
+    grad = multi.backbone.task_embedding.grad
+    assert grad[0].abs().sum() > 0 and grad[1].abs().sum() > 0 and torch.equal(grad[2], torch.zeros(32))
+
+
+def test_task_conditioning_gives_each_task_its_actions_and_reloads_in_a_fresh_process(tmp_path: Path) -> None:
+    """Same observations, opposite actions for push-v3 (+1) and reach-v3 (-1): only the task tells them apart,
+    and the trained policy samples push > 0.5, reach < -0.5. Saved, its config.json holds the task names, and
+    LeRobot's loader in a fresh process rebuilds the embedding and samples the same actions."""
+    n = 24
+    policy = state_policy(seed=0, perturb=False, task_names=TASKS, cfg_dropout_prob=0.0).train()
+    obs = torch.randn(n, STATE_DIM)
+    batch = {
+        OBS_STATE: torch.cat([obs, obs]),
+        ACTION: torch.cat([torch.ones(n, CHUNK, ACTION_DIM), -torch.ones(n, CHUNK, ACTION_DIM)]),
+        "task": [PUSH] * n + [REACH] * n,
+    }
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss, _ = policy.forward(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    policy.eval()
+    noise = fixed_noise(2 * n)
+    tasks = [PUSH] * n + ["reach-v3"] * n  # a task's name and its instruction name the same row
+    with torch.no_grad():
+        actions = policy.predict_action_chunk({OBS_STATE: torch.cat([obs, obs]), "task": tasks}, noise=noise)
+    assert actions[:n].mean() > 0.5 and actions[n:].mean() < -0.5, (
+        float(actions[:n].mean()),
+        float(actions[n:].mean()),
+    )
+
+    from safetensors.torch import save_file
+
+    out = tmp_path / "model"
+    policy.save_pretrained(out)
+    assert json.loads((out / "config.json").read_text())["task_names"] == TASKS
+    save_file({"obs": torch.cat([obs, obs]), "noise": noise, "actions": actions}, out / "io.safetensors")
+    (out / "tasks.json").write_text(json.dumps(tasks))
+    proc = subprocess.run(
+        [sys.executable, "-c", TASK_CHILD, str(out)],
+        cwd=tmp_path,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["task_names"] == TASKS and res["max_abs_diff"] < 1e-5
+    assert torch.equal(torch.tensor(res["embedding"]), policy.backbone.task_embedding.detach())
+    assert policy.backbone.task_embedding.abs().sum() > 0
+
+
+def test_task_names_and_task_strings_are_checked_with_a_fix() -> None:
+    from lerobot_ript.policy.configuration_ript import task_vocabulary
+
+    assert task_vocabulary(["push-v3", "my task"]) == {"push-v3": 0, PUSH: 0, "my task": 1}
+    with pytest.raises(ValueError, match=r"'push-v3' and 'push-back-v3' are both named by 'Push the puck"):
+        tiny_config(task_names=["push-v3", "push-back-v3"])
+    with pytest.raises(ValueError, match="more than once|both named by"):
+        tiny_config(task_names=["push-v3", "push-v3"])
+    with pytest.raises(ValueError, match=r"task_names=\[\] names no task"):
+        tiny_config(task_names=[])
+    policy = state_policy(task_names=TASKS).eval()
+    obs = {OBS_STATE: torch.randn(2, STATE_DIM)}
+    with pytest.raises(
+        ValueError, match=r"conditioned on the tasks \['push-v3', 'reach-v3'\].*no 'task' key"
+    ):
+        policy.predict_action_chunk(obs)
+    with pytest.raises(ValueError, match=r"'Open a drawer', which is none of this policy's tasks.*env.task"):
+        policy.predict_action_chunk({**obs, "task": [PUSH, "Open a drawer"]})
+    with pytest.raises(ValueError, match="3 strings for 2 rows"):
+        policy.predict_action_chunk({**obs, "task": [PUSH] * 3})
+    noise = fixed_noise(2)
+    one = policy.predict_action_chunk({**obs, "task": REACH}, noise=noise)  # one string: every row
+    assert torch.equal(one, policy.predict_action_chunk({**obs, "task": ["reach-v3"] * 2}, noise=noise))

@@ -100,3 +100,23 @@ def test_state_pixels_demos_record_the_envs_cameras_and_image_size(tmp_path):
     finally:
         env.close()
     assert dataset[0]["task"] == "Push the puck to a goal"
+
+
+def test_cli_records_several_tasks_into_one_dataset(tmp_path):
+    """--task with a list (or a named set): `--episodes` episodes of each task, task after task, in one dataset
+    whose task column holds each episode's instruction; an unknown name fails before anything is recorded."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    args = ["--task", "push-v3, reach-v3", "--episodes", "2", "--noise", "0", "--episode-length", "4"]
+    assert main([*args, "--output", str(tmp_path / "demos")]) == 0
+    dataset = LeRobotDataset("local/push-v3_reach-v3-demos", root=tmp_path / "demos")
+    assert dataset.num_episodes == 4 and dataset.num_frames == 16
+    instructions = [dataset[4 * e]["task"] for e in range(4)]
+    assert instructions == ["Push the puck to a goal"] * 2 + ["Reach a goal position"] * 2
+    hashes = [int(h.reshape(-1)[0]) for h in _episode_columns(dataset, "init_hash")]
+    states = _episode_columns(dataset, "observation.state")
+    names = ["push-v3", "push-v3", "reach-v3", "reach-v3"]
+    assert hashes == [init_hash_of(n, np.stack(s)[0]) for n, s in zip(names, states, strict=True)]
+    with pytest.raises(ValueError, match="Did you mean 'reach-v3'"):
+        record_demos(["push-v3", "rech-v3"], 1, 0.3, tmp_path / "x")
+    assert not (tmp_path / "x").exists()

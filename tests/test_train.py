@@ -291,7 +291,8 @@ def test_every_shipped_config_parses(path):
     extra = ["--policy.backbone_path=user/checkpoint"] if "backbone:" in path.read_text() else []
     cfg = parse_config(["--config_path", str(path), *extra])
     assert cfg.rollout.rloo_batch_size >= 2
-    assert parse_config(["--config_path", path.stem, *extra]) == cfg  # the preset name resolves to the same file
+    # the preset name resolves to the same file
+    assert parse_config(["--config_path", path.stem, *extra]) == cfg
     if extra:
         with pytest.raises(ValueError, match="--policy.backbone_path="):
             parse_config(["--config_path", str(path)])

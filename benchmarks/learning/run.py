@@ -477,7 +477,11 @@ def report(out: Path) -> Path:
     fig.tight_layout()
     fig.savefig(out / "success.png", dpi=100)
     plt.close(fig)
+    fig = _plot_compute(plt, out, results, sft_hist)
+    fig.savefig(out / "success_compute.png", dpi=100)
+    plt.close(fig)
     lines += _summary(results, sft_hist)
+    lines += _compute_table(out, results)
     lines += _rollout_table(out, results)
     path = out / "RESULTS.md"
     path.write_text(
@@ -517,6 +521,76 @@ def _plot(plt, results: list[dict], sft_hist: list[dict]):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig, ax
+
+
+def _compute_axes(out: Path, r: dict) -> list[tuple[float, float]]:
+    """Per evaluation of a run: (optimizer steps, training minutes: collection + updates, evaluations left out)
+    summed over the iterations up to it, from the run's metrics.jsonl."""
+    metrics = out / f"{r['arm']}_seed{r['seed']}" / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    steps, seconds, by_iteration = 0.0, 0.0, {0: (0.0, 0.0)}
+    for row in rows:
+        if "train/update_steps" in row:
+            steps += row["train/update_steps"] or 0.0
+            seconds += (row.get("time/collect_s") or 0.0) + (row.get("time/update_s") or 0.0)
+            by_iteration[row["step"]] = (steps, seconds / 60)
+    return [by_iteration.get(p["iteration"], (float("nan"), float("nan"))) for p in r["history"]]
+
+
+def _plot_compute(plt, out: Path, results: list[dict], sft_hist: list[dict]):
+    """Success against optimizer steps and against training wall-clock (collection + updates): the compute
+    dynamic sampling and the curriculum exist to save. Each seed of each arm (thin) and the arm's final mean."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    start = sft_hist[-1]["success_rate"] if sft_hist else None
+    for i, name in enumerate(a for a in ARMS if any(r["arm"] == a for r in results)):
+        color = plt.get_cmap("tab20")(i % 20)
+        runs = [r for r in results if r["arm"] == name]
+        finals = []
+        for r in runs:
+            axes_xy = _compute_axes(out, r)
+            ys = [p["success_rate"] for p in r["history"]]
+            for ax, k in zip(axes, (0, 1), strict=True):
+                xs = [xy[k] for xy in axes_xy]
+                if start is not None:
+                    xs, ys_k = [0.0, *xs], [start, *ys]
+                else:
+                    ys_k = ys
+                ax.plot(xs, ys_k, color=color, alpha=0.35, linewidth=0.8)
+            finals.append((*axes_xy[-1], ys[-1]))
+        for ax, k in zip(axes, (0, 1), strict=True):
+            x = sum(f[k] for f in finals) / len(finals)
+            y = sum(f[2] for f in finals) / len(finals)
+            ax.plot(
+                [x], [y], color=color, marker="o", markersize=8, label=f"{name} (final mean, {len(runs)})"
+            )
+    axes[0].set_xlabel("optimizer steps")
+    axes[1].set_xlabel("training wall-clock, collection + updates (min)")
+    axes[0].set_ylabel("held-out success rate")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _compute_table(out: Path, results: list[dict]) -> list[str]:
+    """Per arm: mean final success, optimizer steps and training minutes at the end (means over seeds)."""
+    lines = [
+        "",
+        "Compute per arm (means over seeds, at the final evaluation; training minutes = collection + updates on "
+        "one CPU core, evaluations left out; plot: `success_compute.png`):",
+        "",
+        "| arm | seeds | mean success % | optimizer steps | training minutes |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name in ARMS:
+        runs = [r for r in results if r["arm"] == name]
+        if not runs:
+            continue
+        finals = [(*_compute_axes(out, r)[-1], r["history"][-1]["success_rate"]) for r in runs]
+        steps, minutes, rate = (sum(f[k] for f in finals) / len(finals) for k in range(3))
+        lines.append(f"| {name} | {len(runs)} | {100 * rate:.1f} | {steps:.0f} | {minutes:.1f} |")
+    return lines
 
 
 def _rollout_table(out: Path, results: list[dict]) -> list[str]:

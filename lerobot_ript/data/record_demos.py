@@ -2,7 +2,9 @@
 
 Episode k starts from the initial state of seed `seed + k`. Training demos use seeds from 0; held-out
 evaluation should use seeds from `HELD_OUT_SEED_START` (1_000_000) on, so that no evaluation state was
-demonstrated. Every episode is kept, successful or not, with its outcome in the `success` column.
+demonstrated. Every episode is kept, successful or not, with its outcome in the `success` column. Several tasks
+(a list, or `--task` with a comma-separated list or a named set such as mt3) give one dataset holding `episodes`
+episodes of each task, task after task, each episode with its task's instruction in the `task` column.
 
 CLI: `python -m lerobot_ript.data.record_demos --task push-v3 --episodes 20 --noise 0.3 --output DIR`.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from lerobot_ript.envs.metaworld import (
     METAWORLD_FPS,
     OBS_TYPES,
     MetaWorldStateEnv,
+    parse_tasks,
     scripted_expert,
 )
 
@@ -36,6 +39,15 @@ class RecordResult:
     dataset_root: Path
     num_episodes: int
     success_rate: float
+    # task name -> success rate of its demos (every task recorded)
+    task_success_rate: dict[str, float] = field(default_factory=dict)
+
+
+def demos_repo_id(tasks: str | Sequence[str]) -> str:
+    """The default repo id of recorded demos: `local/<task>-demos`, with the task names joined by '_' for
+    several tasks (a valid Hub repo id either way)."""
+    names = [tasks] if isinstance(tasks, str) else list(tasks)
+    return f"local/{'_'.join(names)}-demos"
 
 
 def _record_episode(
@@ -75,7 +87,7 @@ def _record_episode(
 
 
 def record_demos(
-    task: str,
+    task: str | Sequence[str],
     episodes: int,
     noise: float,
     output: str | Path,
@@ -88,6 +100,9 @@ def record_demos(
     cameras: Sequence[str] = ("corner2",),
 ) -> RecordResult:
     """Run the scripted expert of `task` for `episodes` episodes (seeds seed..seed+episodes-1) and write them.
+
+    `task`: one MetaWorld task, or several (a sequence of names): `episodes` episodes of each, in one dataset
+    (repo id `demos_repo_id(tasks)` by default).
 
     noise: standard deviation of the Gaussian noise added to every action component (actions in [-1, 1]),
     then clipped to [-1, 1]. The dataset has no `advantages` column (demos are written as-is). Its `task`
@@ -109,36 +124,58 @@ def record_demos(
             seed + episodes - 1,
             HELD_OUT_SEED_START,
         )
-    env = MetaWorldStateEnv(
-        task=task, episode_length=episode_length, obs_type=obs_type, image_size=image_size, cameras=cameras
-    )
-    expert = scripted_expert(task)
-    try:
-        records = [_record_episode(env, expert, noise, seed + k, episode_length) for k in range(episodes)]
-    finally:
-        env.close()
+    tasks = [task] if isinstance(task, str) else list(task)
+    if len(tasks) != 1:  # every name checked (a "did you mean"), each once, before anything is recorded
+        parse_tasks(",".join(tasks))
+    records, task_success = [], {}
+    for name in tasks:
+        env = MetaWorldStateEnv(
+            task=name,
+            episode_length=episode_length,
+            obs_type=obs_type,
+            image_size=image_size,
+            cameras=cameras,
+        )
+        expert = scripted_expert(name)
+        try:
+            ours = [_record_episode(env, expert, noise, seed + k, episode_length) for k in range(episodes)]
+        finally:
+            env.close()
+        records += ours
+        task_success[name] = float(np.mean([ep.success for ep in ours]))
+        logger.info(
+            "Recorded %d %s demos (noise %.3g, seeds %d..%d): success rate %.1f%%",
+            episodes,
+            name,
+            noise,
+            seed,
+            seed + episodes - 1,
+            100 * task_success[name],
+        )
     success_rate = float(np.mean([ep.success for ep in records]))
     root = Path(output)
-    write_episodes(records, root, repo_id or f"local/{task}-demos", METAWORLD_FPS, with_advantages=False)
-    logger.info(
-        "Recorded %d %s demos (noise %.3g, seeds %d..%d): success rate %.1f%%, dataset at %s",
-        episodes,
-        task,
-        noise,
-        seed,
-        seed + episodes - 1,
-        100 * success_rate,
-        root,
+    write_episodes(records, root, repo_id or demos_repo_id(tasks), METAWORLD_FPS, with_advantages=False)
+    logger.info("%d demos at %s", len(records), root)
+    return RecordResult(
+        dataset_root=root,
+        num_episodes=len(records),
+        success_rate=success_rate,
+        task_success_rate=task_success,
     )
-    return RecordResult(dataset_root=root, num_episodes=episodes, success_rate=success_rate)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="record-demos", description="Record noisy MetaWorld scripted-expert demos as a LeRobotDataset."
     )
-    parser.add_argument("--task", default="push-v3", help="MetaWorld v3 task name (default: push-v3).")
-    parser.add_argument("--episodes", type=int, default=20, help="Number of episodes, >= 1 (default: 20).")
+    parser.add_argument(
+        "--task",
+        default="push-v3",
+        help="MetaWorld v3 task name, a comma-separated list of them, or a named set (mt3, mt5) (default: push-v3).",
+    )
+    parser.add_argument(
+        "--episodes", type=int, default=20, help="Number of episodes per task, >= 1 (default: 20)."
+    )
     parser.add_argument(
         "--noise", type=float, default=0.3, help="Std of the Gaussian action noise, >= 0 (default: 0.3)."
     )
@@ -170,8 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tasks = parse_tasks(args.task)
     result = record_demos(
-        args.task,
+        tasks[0] if len(tasks) == 1 else tasks,
         args.episodes,
         args.noise,
         args.output,

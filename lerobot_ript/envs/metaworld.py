@@ -11,6 +11,9 @@ states controlled by the reset seed:
 - `make_vector_env(cfg, n_envs)`: one vector env whose `reset(seed=[...])` takes one seed per sub-env.
 - `scripted_expert(task)`: MetaWorld's scripted policy, `obs (39,) -> action (4,)`.
 - `task_instruction(task)`: the task's language instruction (the env's `task_description`, the batch's `task`).
+- `parse_tasks(spec)`: the tasks of `--env.task`: one name, a comma-separated list, or a named set
+  (`TASK_SETS`: mt3, mt5). A config with several tasks builds one vector env per task
+  (`make_vector_env(cfg, n, task=...)`; `create_envs` gives LeRobot `{"metaworld_state": {i: VectorEnv}}`).
 
 Seeds: training data (demos, RL initial states) uses seeds from 0; held-out evaluation uses seeds from
 `HELD_OUT_SEED_START` on, so the two sets of initial states never overlap.
@@ -163,6 +166,57 @@ def task_instruction(task: str) -> str:
     raise ValueError(
         f"No instruction for MetaWorld task {task!r}.{hint} Known tasks: {', '.join(TASK_INSTRUCTIONS)}."
     )
+
+
+# Named task sets of `--env.task`, for one policy trained on several tasks. Each task's scripted expert solves it
+# from noisy demos (the demos the loop records), and their instructions differ: a policy tells the tasks apart by
+# the batch's `task` string (push-v3 and push-back-v3 share one, so never appear in one set).
+TASK_SETS: dict[str, tuple[str, ...]] = {
+    "mt3": ("push-v3", "reach-v3", "drawer-open-v3"),
+    "mt5": ("push-v3", "reach-v3", "drawer-open-v3", "door-open-v3", "pick-place-v3"),
+}
+
+
+def parse_tasks(spec: str | None) -> list[str]:
+    """The MetaWorld tasks of an `env.task` value, in order: one task name ("push-v3"), a comma-separated list
+    ("push-v3,reach-v3"; spaces around names are ignored) or a named set of `TASK_SETS` ("mt3").
+
+    Fails with a "did you mean" on an unknown name, and on a task named twice or two tasks sharing one
+    instruction (a policy could not tell them apart).
+    """
+    names = [name.strip() for name in str(spec).split(",") if name.strip()] if spec is not None else []
+    if not names:
+        raise ValueError(
+            f"task={spec!r} names no task: give a MetaWorld task (e.g. push-v3), a comma-separated list "
+            f"(push-v3,reach-v3) or a named set ({', '.join(TASK_SETS)})."
+        )
+    if len(names) == 1 and names[0] in TASK_SETS:
+        return list(TASK_SETS[names[0]])
+    tasks = valid_tasks()
+    for name in names:
+        if name not in tasks:
+            close = difflib.get_close_matches(name, tasks + sorted(TASK_SETS), n=3, cutoff=0.5)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            sets = "; ".join(f"{k} ({', '.join(v)})" for k, v in TASK_SETS.items())
+            where = f" (in {spec!r})" if len(names) > 1 else ""
+            raise ValueError(
+                f"task={name!r}{where} is not a MetaWorld v3 task or task set.{hint} Valid tasks: "
+                f"{', '.join(tasks)}. Named sets: {sets}. Several tasks: a comma-separated list."
+            )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"task={spec!r} names {repeated} more than once; name each task once.")
+    by_instruction: dict[str, list[str]] = {}
+    for name in names:
+        by_instruction.setdefault(task_instruction(name), []).append(name)
+    shared = [group for group in by_instruction.values() if len(group) > 1]
+    if shared:
+        raise ValueError(
+            f"task={spec!r}: {' and '.join(shared[0])} share the instruction "
+            f"{task_instruction(shared[0][0])!r}, and a policy tells tasks apart by their instruction (the "
+            "batch's `task`). Train them in separate runs, or keep one of them."
+        )
+    return names
 
 
 def _check_settings(
@@ -533,9 +587,10 @@ def _make_frozen_env(env_kwargs: dict[str, Any]) -> gym.Env:
 
 
 def make_vector_env(
-    cfg: MetaWorldStateEnvConfig, n_envs: int, use_async: bool = False
+    cfg: MetaWorldStateEnvConfig, n_envs: int, use_async: bool = False, task: str | None = None
 ) -> gym.vector.VectorEnv:
-    """One vector env of `n_envs` copies of the configured task; `reset(seed=[s_0, ..., s_{n-1}])` seeds each.
+    """One vector env of `n_envs` copies of the configured task (`task`: that task of a multi-task config, or any
+    MetaWorld task with the config's other settings); `reset(seed=[s_0, ..., s_{n-1}])` seeds each.
 
     Autoreset is NEXT_STEP and each sub-env freezes once its episode ends (LeRobot's `FreezeAfterEpisodeEnd`),
     so the terminal observation is returned as-is and a finished sub-env costs nothing until the next
@@ -544,7 +599,8 @@ def make_vector_env(
     """
     if int(n_envs) < 1:
         raise ValueError(f"n_envs={n_envs} must be >= 1.")
-    env_fns = [functools.partial(_make_frozen_env, cfg.gym_kwargs) for _ in range(int(n_envs))]
+    kwargs = cfg.gym_kwargs if task is None else cfg.task_kwargs(task)
+    env_fns = [functools.partial(_make_frozen_env, kwargs) for _ in range(int(n_envs))]
     autoreset = gym.vector.AutoresetMode.NEXT_STEP
     if use_async and n_envs > 1:
         return gym.vector.AsyncVectorEnv(
@@ -569,7 +625,9 @@ def _camera_names(cameras: str | Sequence[str]) -> tuple[str, ...]:
 class MetaWorldStateEnvConfig(EnvConfig):
     """MetaWorld v3 with the 39-dim state (and optional images); `make_env(cfg, n_envs)` builds it."""
 
-    # MetaWorld v3 task name, e.g. "push-v3", "pick-place-v3" (see `valid_tasks()` for all 50).
+    # MetaWorld v3 task name, e.g. "push-v3", "pick-place-v3" (see `valid_tasks()` for all 50); or several tasks
+    # for one policy: a comma-separated list ("push-v3,reach-v3,drawer-open-v3") or a named set of TASK_SETS
+    # ("mt3", "mt5"). With several, each gets its own vector env, its instruction and its success rate.
     task: str | None = "push-v3"
     # Control frequency in Hz, written into datasets; MetaWorld steps at 80 Hz. Must be > 0.
     fps: int = METAWORLD_FPS
@@ -596,7 +654,7 @@ class MetaWorldStateEnvConfig(EnvConfig):
         _check_settings(self.episode_length, self.obs_type, self.image_size, cameras, fps=self.fps)
         if self.obs_type == "state_pixels":
             _use_default_gl_backend()  # before metaworld imports mujoco below, where possible
-        _check_task(self.task)
+        parse_tasks(self.task)  # fails with a "did you mean" on an unknown task or set
         # Rebuilt from obs_type every time, so a config copied with another obs_type keeps no stale keys.
         self.features = {
             ACTION: PolicyFeature(type=FeatureType.ACTION, shape=(ACTION_DIM,)),
@@ -612,9 +670,18 @@ class MetaWorldStateEnvConfig(EnvConfig):
                 self.features_map[f"pixels/{cam}"] = f"{OBS_IMAGES}.{cam}"
 
     @property
-    def gym_kwargs(self) -> dict:
+    def tasks(self) -> list[str]:
+        """The task names of `task` (one, or several for a multi-task run), in order; see `parse_tasks`."""
+        return parse_tasks(self.task)
+
+    @property
+    def is_multi_task(self) -> bool:
+        return len(self.tasks) > 1
+
+    def task_kwargs(self, task: str) -> dict:
+        """`MetaWorldStateEnv` keyword arguments of one task with this config's other settings."""
         return {
-            "task": self.task,
+            "task": task,
             "episode_length": self.episode_length,
             "obs_type": self.obs_type,
             "image_size": self.image_size,
@@ -622,11 +689,29 @@ class MetaWorldStateEnvConfig(EnvConfig):
             "terminate_on_success": self.terminate_on_success,
         }
 
+    @property
+    def gym_kwargs(self) -> dict:
+        """`MetaWorldStateEnv` keyword arguments of the configured task (one task only: see `task_kwargs`)."""
+        tasks = self.tasks
+        if len(tasks) > 1:
+            raise ValueError(
+                f"env.task={self.task!r} names {len(tasks)} tasks, and gym_kwargs describes one env; use "
+                "task_kwargs(<task>) (or make_vector_env(cfg, n, task=<task>)) for each of cfg.tasks."
+            )
+        return self.task_kwargs(tasks[0])
+
     def create_envs(
         self, n_envs: int, use_async_envs: bool = False
     ) -> dict[str, dict[int, gym.vector.VectorEnv]]:
-        """`{"metaworld_state": {0: VectorEnv}}`, built directly (no gym registry, no package import)."""
-        return {self.type: {0: make_vector_env(self, n_envs, use_async=use_async_envs)}}
+        """`{"metaworld_state": {i: VectorEnv}}`, one vector env per task of `tasks` (i = its position; one task:
+        `{0: ...}`), built directly (no gym registry, no package import). LeRobot's eval runs each and reports
+        per-task success."""
+        return {
+            self.type: {
+                i: make_vector_env(self, n_envs, use_async=use_async_envs, task=task)
+                for i, task in enumerate(self.tasks)
+            }
+        }
 
 
 # ----------------------------------------------------------------------------------------------------------

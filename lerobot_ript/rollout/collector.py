@@ -14,6 +14,13 @@ without them the policy is never trained on the states it already solves. A stat
 by every rollout `skip_threshold` times in a row is skipped (SkipTracker), and, with a `fail_tracker`, so is
 a state failed by every rollout that many times in a row (its own threshold). An env that raises costs its own
 group; its slot is rebuilt and the fault counted.
+
+Several tasks (`tasks=[CollectTask(...), ...]`): an initial state is a (task, seed) pair, drawn by the seed
+sampler over all of them (`SeedSampler(..., num_tasks=n)`: uniform over tasks and seeds, or the curriculum's
+weights across tasks); `init_hash` keys on the task name, so the skip trackers tell the tasks apart. A slot
+takes a vector env of its group's task from a per-task pool (each env built once, then reused), every episode
+carries its task's instruction, the batched policy call gets each row's instruction in `obs["task"]`, and the
+stats hold each task's success rate.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -58,6 +65,8 @@ class CollectionStats:
     goal_reached: bool = True  # False when max_groups stopped sampling before goal_rollouts were kept
     rollouts_kept: int = 0
     solved_rollouts: int = 0  # rollouts of all-success groups kept as good data (keep_solved)
+    # several tasks only: task name -> success rate over its finished rollouts (NaN when none was sampled)
+    task_success_rate: dict[str, float] = field(default_factory=dict)
 
     @property
     def share_dropped(self) -> float:
@@ -65,8 +74,10 @@ class CollectionStats:
         return self.groups_dropped / done if done else 0.0
 
     def as_dict(self, prefix: str = "rollout/") -> dict[str, float]:
-        out = {f"{prefix}{k}": float(v) for k, v in self.__dict__.items()}
+        """Flat metrics; each task's success rate as `<prefix>success_rate/<task>` (several tasks only)."""
+        out = {f"{prefix}{k}": float(v) for k, v in self.__dict__.items() if k != "task_success_rate"}
         out[f"{prefix}share_dropped"] = self.share_dropped
+        out.update({f"{prefix}success_rate/{t}": float(v) for t, v in self.task_success_rate.items()})
         return out
 
 
@@ -96,26 +107,44 @@ class CollectionResult:
 
 
 class SeedSampler:
-    """Draws initial-state seeds from [start, start + pool_size) with its own RNG (resumable): uniformly, or with
-    a `StateCurriculum`'s weights (the collector records every finished group in it)."""
+    """Draws initial states with its own RNG (resumable): uniformly, or with a `StateCurriculum`'s weights (the
+    collector records every finished group in it).
+
+    One task: a state is a seed of [start, start + pool_size). `num_tasks` > 1: a state is an id of
+    [start, start + num_tasks * pool_size) standing for (task index, seed) = `split(state)`, each task with its
+    own pool of seeds [start, start + pool_size); draws are uniform over every (task, seed), so over tasks, and
+    the curriculum weighs the states of all tasks against each other."""
 
     def __init__(
-        self, pool_size: int, start: int = 0, seed: int = 0, curriculum: StateCurriculum | None = None
+        self,
+        pool_size: int,
+        start: int = 0,
+        seed: int = 0,
+        curriculum: StateCurriculum | None = None,
+        num_tasks: int = 1,
     ) -> None:
         if pool_size < 1:
             raise ValueError(f"pool_size={pool_size} must be >= 1.")
-        self.pool_size, self.start = pool_size, start
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks={num_tasks} must be >= 1.")
+        self.pool_size, self.start, self.num_tasks = pool_size, start, num_tasks
         self.rng = np.random.default_rng(seed)
         self.curriculum = curriculum
 
     def __call__(self) -> int:
+        n = self.pool_size * self.num_tasks
         if self.curriculum is None:
-            return self.start + int(self.rng.integers(self.pool_size))
-        seeds = np.arange(self.start, self.start + self.pool_size)
-        return int(self.rng.choice(seeds, p=self.curriculum.weights(seeds)))
+            return self.start + int(self.rng.integers(n))
+        states = np.arange(self.start, self.start + n)
+        return int(self.rng.choice(states, p=self.curriculum.weights(states)))
+
+    def split(self, state: int) -> tuple[int, int]:
+        """(task index, env seed) of a drawn state; one task: (0, state)."""
+        task, offset = divmod(int(state) - self.start, self.pool_size)
+        return task, self.start + offset
 
     def record(self, seed: int, successes: int, trials: int) -> None:
-        """A finished group's outcome (used by the curriculum, if any)."""
+        """A finished group's outcome, by the state it was drawn as (used by the curriculum, if any)."""
         if self.curriculum is not None:
             self.curriculum.record(seed, successes, trials)
 
@@ -126,9 +155,21 @@ class SeedSampler:
         self.rng.bit_generator.state = state["bit_generator"]
 
 
+@dataclass(frozen=True)
+class CollectTask:
+    """One task of a multi-task collector: its name keys `init_hash`, its instruction is each episode's `task`
+    (and each policy row's `obs["task"]`), `make_group_env` builds one vector env of K sub-envs of it."""
+
+    name: str
+    instruction: str
+    make_group_env: Callable[[], gym.vector.VectorEnv]
+
+
 @dataclass
 class _Slot:
     env: gym.vector.VectorEnv
+    task: int = 0  # index into the collector's tasks: the task of `env`
+    state: int = -1  # the sampler's state (the seed, for one task)
     seed: int = -1
     init_hash: int = 0
     obs: dict | None = None
@@ -143,18 +184,21 @@ class _Slot:
 class GroupedCollector:
     """Collects groups of K rollouts per initial state; see the module docstring for the rules.
 
-    `task` (the task name) keys `init_hash`; `instruction` (default: the name) is each EpisodeRecord's `task`.
+    One task: `make_group_env`, `task` (the task name, keys `init_hash`) and `instruction` (default: the name),
+    each EpisodeRecord's `task`. Several: `tasks` instead (one `CollectTask` each; the seed sampler must draw
+    states of that many tasks, e.g. `SeedSampler(..., num_tasks=len(tasks))`).
     `record_images`: keep every step's camera images (`obs["pixels"]`, uint8 (H, W, 3) per camera) in
     `EpisodeRecord.images`; the env must render them (MetaWorld: obs_type="state_pixels").
     """
 
     def __init__(
         self,
-        make_group_env: Callable[[], gym.vector.VectorEnv],
-        policy: ChunkPolicy,
+        make_group_env: Callable[[], gym.vector.VectorEnv] | None = None,
+        policy: ChunkPolicy | None = None,
         *,
-        task: str,
+        task: str | None = None,
         instruction: str | None = None,
+        tasks: Sequence[CollectTask] | None = None,
         group_size: int,
         num_slots: int,
         goal_rollouts: int,
@@ -174,9 +218,28 @@ class GroupedCollector:
             )
         if num_slots < 1 or max_groups < 1 or goal_rollouts < 1:
             raise ValueError("num_slots, max_groups and goal_rollouts must all be >= 1.")
-        self.make_group_env, self.policy, self.task = make_group_env, policy, task
-        # EpisodeRecord.task (the datasets' `task` column): the language instruction; init_hash keys on `task`
-        self.instruction = task if instruction is None else instruction
+        if tasks is None:
+            if make_group_env is None or task is None:
+                raise ValueError(
+                    "GroupedCollector needs make_group_env and task (one task), or tasks (several)."
+                )
+            # EpisodeRecord.task (the datasets' `task` column): the language instruction; init_hash keys on `task`
+            tasks = [CollectTask(task, task if instruction is None else instruction, make_group_env)]
+        elif make_group_env is not None or task is not None:
+            raise ValueError("GroupedCollector takes make_group_env and task (one task) or tasks, not both.")
+        self.tasks = list(tasks)
+        if not self.tasks or len({t.name for t in self.tasks}) != len(self.tasks):
+            raise ValueError(
+                f"tasks must name at least one task, each once; got {[t.name for t in self.tasks]}."
+            )
+        if isinstance(seed_sampler, SeedSampler) and seed_sampler.num_tasks != len(self.tasks):
+            raise ValueError(
+                f"{len(self.tasks)} task(s), but the seed sampler draws states of {seed_sampler.num_tasks}; build "
+                f"it with SeedSampler(..., num_tasks={len(self.tasks)})."
+            )
+        self.policy = policy
+        # the first (or only) task
+        self.task, self.instruction = self.tasks[0].name, self.tasks[0].instruction
         self.k, self.goal, self.max_groups = group_size, goal_rollouts, max_groups
         self.seed_sampler = seed_sampler
         self.skip_tracker = skip_tracker or SkipTracker(0)  # streaks of all-success groups
@@ -185,8 +248,10 @@ class GroupedCollector:
         self.keep_solved = keep_solved
         self.max_episode_steps = max_episode_steps
         self.record_images = record_images
-        self._seed_hash: dict[int, int] = {}  # seed -> init_hash (initial states are seed-determined)
-        self.slots = [_Slot(env=self._build_env()) for _ in range(num_slots)]
+        self._seed_hash: dict[int, int] = {}  # state -> init_hash (initial states are seed-determined)
+        self.slots = [_Slot(env=self._build_env(0)) for _ in range(num_slots)]
+        # several tasks: task index -> vector envs of that task that no slot holds now
+        self._spare_envs: dict[int, list[gym.vector.VectorEnv]] = {}
         # overlap_inference: half of the slots step while the policy infers the other half's next chunk
         self._executor = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="ript-inference")
@@ -194,8 +259,12 @@ class GroupedCollector:
             else None
         )
 
-    def _build_env(self) -> gym.vector.VectorEnv:
-        env = self.make_group_env()
+    @property
+    def multi_task(self) -> bool:
+        return len(self.tasks) > 1
+
+    def _build_env(self, task: int) -> gym.vector.VectorEnv:
+        env = self.tasks[task].make_group_env()
         if env.num_envs != self.k:
             env.close()
             raise ValueError(
@@ -214,11 +283,16 @@ class GroupedCollector:
         self.close_executor()
         for slot in self.slots:
             slot.env.close()
+        for envs in self._spare_envs.values():
+            for env in envs:
+                env.close()
+        self._spare_envs.clear()
 
     # ----- one call: rounds of parallel groups until the goal or the cap -----
     def collect(self) -> CollectionResult:
         stats, kept, rewards_kept, solved = CollectionStats(), [], [], []
         successes: list[bool] = []
+        task_successes: list[list[bool]] = [[] for _ in self.tasks]
         t0 = time.perf_counter()
         while stats.groups_sampled < self.max_groups:
             n = min(len(self.slots), self.max_groups - stats.groups_sampled)
@@ -234,7 +308,8 @@ class GroupedCollector:
                     continue
                 rewards = slot.success.astype(np.float32)  # (K,) binary task success
                 successes.extend(slot.success.tolist())
-                self.seed_sampler.record(slot.seed, int(slot.success.sum()), self.k)
+                task_successes[slot.task].extend(slot.success.tolist())
+                self.seed_sampler.record(slot.state, int(slot.success.sum()), self.k)
                 self.skip_tracker.update(slot.init_hash, bool(slot.success.all()))
                 self.fail_tracker.update(slot.init_hash, not slot.success.any())
                 if self.dynamic_sampling and not group_has_signal(rewards):
@@ -260,6 +335,11 @@ class GroupedCollector:
                 stats.groups_faulted,
             )
         stats.success_rate = float(np.mean(successes)) if successes else 0.0
+        if self.multi_task:
+            stats.task_success_rate = {
+                t.name: float(np.mean(s)) if s else float("nan")
+                for t, s in zip(self.tasks, task_successes, strict=True)
+            }
         stats.wall_time_s = time.perf_counter() - t0
         stats.steps_per_second = stats.env_steps / max(stats.wall_time_s, 1e-9)
         group_rewards = np.stack(rewards_kept) if rewards_kept else np.zeros((0, self.k), np.float32)
@@ -281,12 +361,15 @@ class GroupedCollector:
     def _start_group(self, slot: _Slot, stats: CollectionStats) -> bool:
         """Reset a slot on a fresh (non-skipped) initial state, K equal seeds. False if the env faulted."""
         for _ in range(100):
-            seed = self.seed_sampler()
-            h = self._hash_for_seed(seed)
+            state = self.seed_sampler()
+            h = self._hash_for_seed(state)
             if not (self.skip_tracker.should_skip(h) or self.fail_tracker.should_skip(h)):
                 break
             stats.skipped_states += 1
-        slot.seed, slot.steps, slot.images, slot.faulted = seed, [], [], False
+        task, seed = self.seed_sampler.split(state) if self.multi_task else (0, state)
+        if task != slot.task:
+            self._swap_env(slot, task)
+        slot.state, slot.seed, slot.steps, slot.images, slot.faulted = state, seed, [], [], False
         try:
             obs, _ = slot.env.reset(seed=[seed] * self.k)
         except Exception as err:  # noqa: BLE001 - any env error costs this group only; counted and logged
@@ -298,15 +381,22 @@ class GroupedCollector:
                 "env with cameras (MetaWorld: obs_type='state_pixels'), or collect with record_images=False."
             )
         slot.obs = obs
-        slot.init_hash = init_hash_of(self.task, obs["agent_pos"][0])
-        self._seed_hash[seed] = slot.init_hash
+        slot.init_hash = init_hash_of(self.tasks[task].name, obs["agent_pos"][0])
+        self._seed_hash[state] = slot.init_hash
         slot.done = np.zeros(self.k, dtype=bool)
         slot.success = np.zeros(self.k, dtype=bool)
         return True
 
-    def _hash_for_seed(self, seed: int) -> int:
-        """init_hash of a seed seen before (states are seed-determined); -1 for a new seed (never skipped)."""
-        return self._seed_hash.get(seed, -1)
+    def _hash_for_seed(self, state: int) -> int:
+        """init_hash of a state seen before (states are seed-determined); -1 for a new one (never skipped)."""
+        return self._seed_hash.get(state, -1)
+
+    def _swap_env(self, slot: _Slot, task: int) -> None:
+        """Give the slot a vector env of `task`: a spare one, or a new one (built once, kept for reuse)."""
+        spare = self._spare_envs.get(task)
+        env = spare.pop() if spare else self._build_env(task)
+        self._spare_envs.setdefault(slot.task, []).append(slot.env)
+        slot.env, slot.task = env, task
 
     def _fault(self, slot: _Slot, err: BaseException) -> None:
         logger.warning(
@@ -317,7 +407,7 @@ class GroupedCollector:
             slot.env.close()
         except Exception:  # noqa: BLE001 - a broken env may fail to close; it is replaced below
             logger.debug("closing a faulted env failed", exc_info=True)
-        slot.env = self._build_env()
+        slot.env = self._build_env(slot.task)
 
     def _run_round(self, slots: list[_Slot], stats: CollectionStats) -> None:
         live = [s for s in slots if not s.faulted]
@@ -328,7 +418,7 @@ class GroupedCollector:
                 live = _unfinished(live)
                 if not live:
                     break
-                self._step_chunk(live, self.policy(_batch_obs(live)), stats)
+                self._step_chunk(live, self.policy(self._batch_obs(live)), stats)
         for slot in slots:  # horizon reached: the rest are truncated
             if slot.done is not None:
                 slot.done[:] = True
@@ -342,11 +432,11 @@ class GroupedCollector:
         sys.setswitchinterval(min(switch, SWITCH_INTERVAL_S))
         try:
             ready = _unfinished(halves[0])
-            chunk = self.policy(_batch_obs(ready)) if ready else None
+            chunk = self.policy(self._batch_obs(ready)) if ready else None
             waiting = halves[1]
             for _ in range(2 * self.max_episode_steps):
                 waiting = _unfinished(waiting)
-                future = self._executor.submit(self.policy, _batch_obs(waiting)) if waiting else None
+                future = self._executor.submit(self.policy, self._batch_obs(waiting)) if waiting else None
                 if ready:
                     self._step_chunk(ready, chunk, stats)
                 chunk = future.result() if future is not None else None
@@ -384,6 +474,13 @@ class GroupedCollector:
         slot.obs = obs
         return int(alive.sum())
 
+    def _batch_obs(self, live: list[_Slot]) -> dict:
+        """The live slots' batched observation; with several tasks also `task`, each row's instruction."""
+        obs = _batch_obs(live)
+        if self.multi_task:
+            obs["task"] = [self.tasks[s.task].instruction for s in live for _ in range(self.k)]
+        return obs
+
     def _episodes(self, slot: _Slot) -> list[EpisodeRecord]:
         states = np.stack([s[0] for s in slot.steps], axis=1)  # (K, T, S)
         actions = np.stack([s[1] for s in slot.steps], axis=1)  # (K, T, A)
@@ -397,7 +494,7 @@ class GroupedCollector:
                 images = {c: np.stack([im[c][k] for im in slot.images[:n]]) for c in slot.images[0]}
             episodes.append(
                 EpisodeRecord(
-                    task=self.instruction,
+                    task=self.tasks[slot.task].instruction,
                     states=states[k, :n],
                     actions=actions[k, :n],
                     rewards=rewards[k, :n],
@@ -443,7 +540,9 @@ def make_chunk_policy(
 
     noise_scale multiplies the initial flow noise (see `RiptPolicy.predict_action_chunk`). `task`: the language
     instruction, sent as the batch's `task` key (one copy per row, as LeRobot's rollout sends the env's
-    `task_description`) for the tokenizer steps of vision-language-action preprocessors; None sends none.
+    `task_description`) for the tokenizer steps of vision-language-action preprocessors and a task-conditioned
+    small backbone; None sends none. An `obs["task"]` (one string per row: a multi-task collector's) is sent
+    instead.
 
     Inference of a small policy on a CPU runs on `num_threads` threads (1 by default: for small matrices,
     a second thread costs more in synchronisation than it gains, up to 4x on a loaded 2-core machine).
@@ -454,8 +553,11 @@ def make_chunk_policy(
         threads = torch.get_num_threads()
         torch.set_num_threads(num_threads)
         try:
-            batch = preprocess_observation(obs)
-            if task is not None:
+            rows = obs.get("task")
+            batch = preprocess_observation({k: v for k, v in obs.items() if k != "task"})
+            if rows is not None:
+                batch["task"] = list(rows)
+            elif task is not None:
                 batch["task"] = [task] * next(iter(batch.values())).shape[0]
             batch = preprocessor(batch)
             with torch.inference_mode():

@@ -62,7 +62,9 @@ class RolloutConfig:
     curriculum_discount: float = 0.5
     # Classifier-free guidance scale w (>= 0) used while collecting rollouts.
     guidance_scale: float = 1.0
-    # Training initial states are seeds in [0, train_seed_pool) (held-out evaluation uses eval.seed_start+).
+    # Training initial states are seeds in [0, train_seed_pool) (held-out evaluation uses eval.seed_start+); with
+    # several tasks (env.task), each task has this pool, and groups are drawn over every (task, seed) state:
+    # uniformly, or by the curriculum of state_sampling=signal across the tasks.
     train_seed_pool: int = 200
     # Stop training once this many rollouts (all processes) were collected; 0 = no limit (equal-budget runs).
     max_train_episodes: int = 0
@@ -176,7 +178,9 @@ class EvalConfig:
     eval_interval: int = 5
     # Evaluate before the first RIPT iteration (the start point of the success curve).
     eval_at_start: bool = True
-    # Held-out episodes per evaluation (>= 1); 200 gives about +-7 points.
+    # Held-out episodes per evaluation and task (>= 1); 200 gives about +-7 points. With several tasks (env.task),
+    # each task runs this many (the same held-out seeds) and is logged as eval/success_rate/<task>;
+    # eval/success_rate is the mean over the tasks.
     eval_episodes: int = 50
     # Guidance scale w (>= 0) at evaluation.
     guidance_scale: float = 1.0
@@ -357,6 +361,15 @@ class RiptTrainConfig:
         if d.dataset_id is None:
             # the loop records the demos with the env's cameras, so the policy will read all of them
             check_image_inputs(self, env_camera_keys(self.env))
+        names = self.policy.task_names
+        if names is not None:
+            unknown = [t for t in self.env.tasks if t not in names]
+            if unknown:
+                raise ValueError(
+                    f"policy.task_names={list(names)} lacks {unknown} of env.task={self.env.task!r}: the policy could "
+                    "not be conditioned on them. Add them, or leave policy.task_names unset (the loop sets it from "
+                    "env.task when that names several tasks)."
+                )
 
     @property
     def mixed_precision(self) -> str:

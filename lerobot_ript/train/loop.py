@@ -7,6 +7,9 @@
         ->  update steps  ->  log  ->  [eval]  ->  [checkpoint]
     final eval, checkpoint, plot, [push to the Hub]
 
+Several tasks (`env.task` a list or a named set): demos of each task, a policy conditioned on the task
+(`policy.task_names`), groups drawn across the tasks, per-task rollout and held-out success.
+
 Launch: `accelerate launch -m lerobot_ript.train --config_path configs/debug.yaml [--a.b=c ...]`.
 """
 
@@ -29,7 +32,7 @@ from accelerate.utils import set_seed
 from lerobot_ript.data.dataset import EpisodeBalancedSampler, EpisodeShares, RiptDataset
 from lerobot_ript.data.writer import EpisodeRecord
 from lerobot_ript.envs.metaworld import task_instruction
-from lerobot_ript.rollout.collector import GroupedCollector, SeedSampler, make_chunk_policy
+from lerobot_ript.rollout.collector import CollectTask, GroupedCollector, SeedSampler, make_chunk_policy
 from lerobot_ript.rollout.evaluate import evaluate, wilson_interval
 from lerobot_ript.rollout.sampling import SkipTracker, StateCurriculum
 from lerobot_ript.train.checkpoint import (
@@ -125,7 +128,8 @@ def build_accelerator(cfg: RiptTrainConfig) -> Accelerator:
 # ----------------------------------------------------------------------------------------------------------
 def load_demos(cfg: RiptTrainConfig, accelerator: Accelerator):
     """The demonstration LeRobotDataset: the configured one, or scripted demos recorded once (main first), with
-    the env's observations (obs_type="state_pixels": its cameras and image size, as the rollouts will have)."""
+    the env's observations (obs_type="state_pixels": its cameras and image size, as the rollouts will have);
+    several tasks: `data.num_demos` of each, in one dataset."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     if cfg.data.dataset_id is not None:
@@ -133,14 +137,15 @@ def load_demos(cfg: RiptTrainConfig, accelerator: Accelerator):
         if root is not None and not Path(root).exists():
             raise FileNotFoundError(f"data.dataset_root={root} does not exist. Point it at a LeRobotDataset.")
         return LeRobotDataset(cfg.data.dataset_id, root=root)
-    from lerobot_ript.data.record_demos import record_demos
+    from lerobot_ript.data.record_demos import demos_repo_id, record_demos
 
     root = Path(cfg.output_dir) / "demos"
+    tasks = cfg.env.tasks
     with accelerator.main_process_first():
         if not (root / "meta" / "info.json").exists() and accelerator.is_main_process:
-            env_kwargs = cfg.env.gym_kwargs
+            env_kwargs = cfg.env.task_kwargs(tasks[0])
             result = record_demos(
-                cfg.env.task,
+                tasks[0] if len(tasks) == 1 else tasks,
                 cfg.data.num_demos,
                 cfg.data.demo_noise,
                 root,
@@ -157,7 +162,7 @@ def load_demos(cfg: RiptTrainConfig, accelerator: Accelerator):
                 cfg.data.demo_noise,
                 100 * result.success_rate,
             )
-    return LeRobotDataset(f"local/{cfg.env.task}-demos", root=root)
+    return LeRobotDataset(demos_repo_id(tasks), root=root)
 
 
 def build_policy(cfg: RiptTrainConfig, demo_ds):
@@ -170,11 +175,35 @@ def build_policy(cfg: RiptTrainConfig, demo_ds):
         for name in RL_POLICY_FIELDS:
             setattr(policy.config, name, getattr(cfg.policy, name))
         policy.config.validate_hyperparameters()
+        check_policy_tasks(policy.config, cfg.env.tasks, where=f"checkpoint_path={cfg.checkpoint_path}")
         pre, post = make_pre_post_processors(policy.config, pretrained_path=cfg.checkpoint_path)
         return policy, attach_ript_converter(pre), post
+    if cfg.env.is_multi_task and cfg.policy.task_names is None:
+        cfg.policy.task_names = cfg.env.tasks  # the policy's task vocabulary, saved in its config.json
     policy = make_policy(cfg.policy, ds_meta=demo_ds.meta)
     pre, post = make_ript_pre_post_processors(policy.config, dataset_stats=demo_ds.meta.stats)
     return policy, pre, post
+
+
+def check_policy_tasks(policy_config, tasks: list[str], where: str = "policy.task_names") -> None:
+    """Fail when a task-conditioned policy (`task_names`) does not know every env task; warn when a small policy
+    without task input is run on several tasks (it then acts alike on all of them, from the state alone)."""
+    names = policy_config.task_names
+    if names is None:
+        if len(tasks) > 1 and not policy_config.is_vla:
+            logger.warning(
+                "env.task names %d tasks but the policy (%s) has no task input (task_names=None): it cannot tell "
+                "the tasks apart. Train a multi-task policy from scratch (the loop sets policy.task_names).",
+                len(tasks),
+                where,
+            )
+        return
+    unknown = [t for t in tasks if t not in names]
+    if unknown:
+        raise ValueError(
+            f"env.task={','.join(tasks)!r} has {unknown}, which the policy ({where}) is not conditioned on: its "
+            f"task_names are {list(names)}. Run on those tasks, or train a policy with these."
+        )
 
 
 def demo_set(demo_ds, policy_config, failed_demos: str) -> RiptDataset:
@@ -257,7 +286,8 @@ def collect(run: Run, collector: GroupedCollector):
         run.postprocessor,
         guidance_scale=run.cfg.rollout.guidance_scale,
         n_action_steps=model.config.n_action_steps,
-        task=task_instruction(run.cfg.env.task),
+        # several tasks: the collector sends each row's instruction itself (obs["task"])
+        task=None if collector.multi_task else collector.instruction,
     )
     return collector.collect()
 
@@ -375,37 +405,45 @@ def _finite_mean(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def run_eval(run: Run, iteration: int) -> dict[str, float]:
-    """Held-out success, episodes split across ranks and gathered; history and plot on the main process."""
+def eval_counts(run: Run) -> torch.Tensor:
+    """(num_tasks, 2) held-out (successes, episodes) per task of env.task, summed over ranks: each task runs
+    `eval.eval_episodes` episodes from the held-out seeds, split across ranks."""
     from lerobot_ript.envs.metaworld import make_vector_env
 
-    cfg, acc = run.cfg, run.accelerator
+    cfg, acc, model = run.cfg, run.accelerator, run.model
     seeds = [cfg.eval.seed_start + i for i in range(cfg.eval.eval_episodes)][
         acc.process_index :: acc.num_processes
     ]
-    model = run.model
-    model.eval()
+    counts = []
+    for task in cfg.env.tasks:
+        policy = make_chunk_policy(
+            model,
+            run.preprocessor,
+            run.postprocessor,
+            guidance_scale=cfg.eval.guidance_scale,
+            n_action_steps=model.config.n_action_steps,
+            task=task_instruction(task),
+        )
+        result = evaluate(
+            lambda n, task=task: make_vector_env(cfg.env, n, task=task),
+            policy,
+            seeds,
+            num_envs=max(1, min(cfg.eval.num_envs, len(seeds))),
+            max_episode_steps=cfg.env.episode_length,
+        )
+        counts.append([float(result.successes.sum()), float(len(result.successes))])
+    counts = torch.tensor(counts, dtype=torch.float64, device=acc.device)  # (num_tasks, 2)
+    return acc.reduce(counts, reduction="sum") if acc.num_processes > 1 else counts
+
+
+def run_eval(run: Run, iteration: int) -> dict[str, float]:
+    """Held-out success (per task with several: `eval/success_rate/<task>`, and their mean as
+    `eval/success_rate`), episodes split across ranks and gathered; history and plot on the main process."""
+    cfg, acc = run.cfg, run.accelerator
+    run.model.eval()
     t0 = time.perf_counter()
-    policy = make_chunk_policy(
-        model,
-        run.preprocessor,
-        run.postprocessor,
-        guidance_scale=cfg.eval.guidance_scale,
-        n_action_steps=model.config.n_action_steps,
-        task=task_instruction(cfg.env.task),
-    )
-    result = evaluate(
-        lambda n: make_vector_env(cfg.env, n),
-        policy,
-        seeds,
-        num_envs=max(1, min(cfg.eval.num_envs, len(seeds))),
-        max_episode_steps=cfg.env.episode_length,
-    )
-    counts = torch.tensor(
-        [result.successes.sum(), len(result.successes)], dtype=torch.float64, device=acc.device
-    )
-    counts = acc.reduce(counts, reduction="sum") if acc.num_processes > 1 else counts
-    wins, n = int(counts[0]), int(counts[1])
+    counts = eval_counts(run)
+    wins, n = int(counts[:, 0].sum()), int(counts[:, 1].sum())
     lo, hi = wilson_interval(wins, n)
     entry = {
         "iteration": iteration,
@@ -415,25 +453,33 @@ def run_eval(run: Run, iteration: int) -> dict[str, float]:
         "ci_high": hi,
         "n": n,
     }
+    tasks = cfg.env.tasks
+    per_task = {t: float(c[0] / max(c[1], 1)) for t, c in zip(tasks, counts.tolist(), strict=True)}
+    if len(tasks) > 1:  # equal episodes per task: the pooled rate is the mean over tasks
+        entry["tasks"] = per_task
     run.state.history.append(entry)
     if acc.is_main_process:
         plot_success(
             run.state.history, Path(cfg.output_dir) / "success.png", f"{cfg.experiment_name}: {cfg.env.task}"
         )
     logger.info(
-        "eval @ iteration %d: success %.1f%% (95%% CI %.1f-%.1f, %d episodes)",
+        "eval @ iteration %d: success %.1f%% (95%% CI %.1f-%.1f, %d episodes)%s",
         iteration,
         100 * entry["success_rate"],
         100 * lo,
         100 * hi,
         n,
+        "".join(f"; {t} {100 * r:.1f}%" for t, r in per_task.items()) if len(tasks) > 1 else "",
     )
-    return {
+    metrics = {
         "eval/success_rate": entry["success_rate"],
         "eval/ci_low": lo,
         "eval/ci_high": hi,
         "time/eval_s": time.perf_counter() - t0,
     }
+    if len(tasks) > 1:
+        metrics.update({f"eval/success_rate/{t}": r for t, r in per_task.items()})
+    return metrics
 
 
 def checkpoint(run: Run, collector: GroupedCollector) -> Path:
@@ -473,16 +519,26 @@ def make_collector(run: Run, *, record_images: bool = False) -> GroupedCollector
         curriculum = StateCurriculum(r.rloo_batch_size, discount=r.curriculum_discount)
         if run.state.curriculum:
             curriculum.load_state_dict(run.state.curriculum)
+    tasks = [
+        CollectTask(
+            task,
+            task_instruction(task),
+            lambda task=task: make_vector_env(
+                cfg.env, r.rloo_batch_size, use_async=r.use_async_envs, task=task
+            ),
+        )
+        for task in cfg.env.tasks
+    ]
     collector = GroupedCollector(
-        lambda: make_vector_env(cfg.env, r.rloo_batch_size, use_async=r.use_async_envs),
         policy=None,
-        task=cfg.env.task,
-        instruction=task_instruction(cfg.env.task),
+        tasks=tasks,
         group_size=r.rloo_batch_size,
         num_slots=r.groups_per_round,
         goal_rollouts=max(1, -(-r.rollout_goal_per_step // world)),
         max_groups=r.max_groups_per_step,
-        seed_sampler=SeedSampler(r.train_seed_pool, 0, seed=cfg.seed + rank, curriculum=curriculum),
+        seed_sampler=SeedSampler(
+            r.train_seed_pool, 0, seed=cfg.seed + rank, curriculum=curriculum, num_tasks=len(tasks)
+        ),
         skip_tracker=tracker,
         fail_tracker=fail_tracker,
         dynamic_sampling=r.enable_dynamic_sampling,

@@ -63,7 +63,8 @@ class MetricsWriter:
 
 
 def plot_success(history: list[dict], path: Path, title: str) -> Path:
-    """Success rate (with its 95% interval) against environment episodes used for training."""
+    """Success rate (with its 95% interval) against environment episodes used for training; with several tasks
+    (history entries with `tasks`: name -> success rate) also one thin line per task."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,8 +77,12 @@ def plot_success(history: list[dict], path: Path, title: str) -> Path:
     hi = [h["ci_high"] for h in history]
     ax.plot(x, y, marker="o", label="held-out success")
     ax.fill_between(x, lo, hi, alpha=0.2, label="95% Wilson interval")
+    tasks = list(dict.fromkeys(t for h in history for t in h.get("tasks", {})))
+    for task in tasks:
+        points = [(h["episodes"], h["tasks"][task]) for h in history if task in h.get("tasks", {})]
+        ax.plot(*zip(*points, strict=True), marker=".", linewidth=0.8, alpha=0.7, label=task)
     ax.set_xlabel("training episodes (rollouts)")
-    ax.set_ylabel("success rate")
+    ax.set_ylabel("success rate" if not tasks else "success rate (mean over tasks, and each task)")
     ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.grid(alpha=0.3)
