@@ -682,17 +682,6 @@ def test_crash_mid_checkpoint_keeps_last_loadable_and_next_run_cleans_up(referen
 STATE_DIM, ACTION_DIM, CHUNK = 5, 2, 4
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 class FixedDraws:
     """Flow noise and times handed out in order, so a batch of 8 and two micro-batches of 4 see the same
     draws (the policy's own RNG calls differ in size and interleaving between the two)."""

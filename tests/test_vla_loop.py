@@ -10,7 +10,16 @@ import pytest
 import torch
 import vla_fixtures as vf
 from safetensors.torch import load_file
-from test_train import DEBUG_YAML, REPO_ROOT, TINY, ckpt, free_port, run_ok, subprocess_env, train_cmd
+from test_train import (
+    DEBUG_YAML,
+    REPO_ROOT,
+    TINY,
+    ckpt,
+    free_port,
+    run_ok,
+    subprocess_env,
+    train_cmd,
+)
 from test_vla_cli import tiny_vla_env
 
 KINDS = ("pi0", "pi05", "smolvla")
@@ -32,17 +41,6 @@ def vla_overrides(kind: str, base) -> list[str]:
         "--data.bad_share=0.5",
         "--advantage.estimator=success",  # failures are labelled bad, so both labels train
     ]
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 @pytest.mark.parametrize("kind", KINDS)

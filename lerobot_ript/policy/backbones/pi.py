@@ -18,40 +18,20 @@ LeRobot 0.6.1 line for line, with the condition passed in instead of computed fr
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from lerobot_ript.policy.backbones.base import RiptBackbone
 from lerobot_ript.policy.backbones.vla import (
+    PrefixCache,
+    PrefixInputs,
     StackedLabelFilm,
     label_modulate,
     load_wrapped_policy,
-    repeat_cache,
-    repeat_rows,
+    repeat_prefix,
     zero_linear,
 )
-
-
-class PrefixInputs(NamedTuple):
-    """Training context: the prefix embeddings, run with the suffix in one pass (gradients reach the VLM)."""
-
-    embs: Tensor  # (B, L, width)
-    pad_masks: Tensor  # (B, L) bool
-    att_masks: Tensor  # (B, L)
-    state: (
-        Tensor | None
-    )  # (B, max_state_dim) for pi0 (a suffix token), None for pi05 (state is in the prompt)
-
-
-class PrefixCache(NamedTuple):
-    """Sampling context: the prefix's KV cache, computed once per observation and reused by every Euler step."""
-
-    pad_masks: Tensor  # (B, L) bool
-    cache: Any  # transformers DynamicCache
-    state: Tensor | None
 
 
 class PaliGemmaBackbone(RiptBackbone):
@@ -94,13 +74,7 @@ class PaliGemmaBackbone(RiptBackbone):
         return PrefixCache(pad_masks, self._prefix_cache(embs, pad_masks, att_masks), state)
 
     def repeat_context(self, context, repeats: int):
-        if isinstance(context, PrefixCache):
-            return PrefixCache(
-                repeat_rows(context.pad_masks, repeats),
-                repeat_cache(context.cache, repeats),
-                repeat_rows(context.state, repeats),
-            )
-        return PrefixInputs(*(repeat_rows(x, repeats) for x in context))
+        return repeat_prefix(context, repeats)
 
     def denoise(self, context, noisy_actions: Tensor, cond: Tensor) -> Tensor:
         suffix_embs, suffix_pad, suffix_att, adarms = self._suffix(context.state, noisy_actions, cond)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -24,28 +23,14 @@ from torch import Tensor, nn
 
 from lerobot_ript.policy.backbones.base import RiptBackbone
 from lerobot_ript.policy.backbones.vla import (
+    PrefixCache,
+    PrefixInputs,
     StackedLabelFilm,
     label_modulate,
     load_wrapped_policy,
-    repeat_cache,
-    repeat_rows,
+    repeat_prefix,
     zero_linear,
 )
-
-
-class PrefixInputs(NamedTuple):
-    """Training context: the prefix embeddings (images, language, state), run with the suffix in one pass."""
-
-    embs: Tensor  # (B, L, hidden)
-    pad_masks: Tensor  # (B, L) bool
-    att_masks: Tensor  # (B, L) bool
-
-
-class PrefixCache(NamedTuple):
-    """Sampling context: the prefix's KV cache, computed once per observation."""
-
-    pad_masks: Tensor  # (B, L) bool
-    cache: Any  # transformers DynamicCache
 
 
 class LabelSlot:
@@ -149,9 +134,7 @@ class SmolVLABackbone(RiptBackbone):
         return PrefixCache(pad_masks, cache)
 
     def repeat_context(self, context, repeats: int):
-        if isinstance(context, PrefixCache):
-            return PrefixCache(repeat_rows(context.pad_masks, repeats), repeat_cache(context.cache, repeats))
-        return PrefixInputs(*(repeat_rows(x, repeats) for x in context))
+        return repeat_prefix(context, repeats)
 
     def denoise(self, context, noisy_actions: Tensor, cond: Tensor) -> Tensor:
         from lerobot.policies.common.vla_utils import make_att_2d_masks
@@ -184,7 +167,7 @@ class SmolVLABackbone(RiptBackbone):
     def _cached_pass(self, context: PrefixCache, suffix_embs, suffix_pad, suffix_att) -> Tensor:
         from lerobot.policies.common.vla_utils import make_att_2d_masks
 
-        prefix_pad, cache = context
+        prefix_pad, cache = context.pad_masks, context.cache
         b, suffix_len, prefix_len = prefix_pad.shape[0], suffix_pad.shape[1], prefix_pad.shape[1]
         prefix_2d = prefix_pad[:, None, :].expand(b, suffix_len, prefix_len)
         full_2d = torch.cat([prefix_2d, make_att_2d_masks(suffix_pad, suffix_att)], dim=2)

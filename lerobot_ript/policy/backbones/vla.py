@@ -17,7 +17,7 @@ import io
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -212,6 +212,38 @@ def zero_linear(in_features: int, out_features: int) -> nn.Linear:
     nn.init.zeros_(layer.weight)
     nn.init.zeros_(layer.bias)
     return layer
+
+
+class PrefixInputs(NamedTuple):
+    """Training context of a VLA backbone: the prefix embeddings, run with the suffix in one pass (gradients
+    reach the VLM, gradient checkpointing applies)."""
+
+    embs: Tensor  # (B, L, width)
+    pad_masks: Tensor  # (B, L) bool
+    att_masks: Tensor  # (B, L)
+    state: Tensor | None = (
+        None  # (B, max_state_dim) for pi0 (a suffix token); in the prefix for pi05 / SmolVLA
+    )
+
+
+class PrefixCache(NamedTuple):
+    """Sampling context of a VLA backbone: the prefix's KV cache, computed once per observation and reused by
+    every Euler step and both guidance branches."""
+
+    pad_masks: Tensor  # (B, L) bool
+    cache: Any  # transformers DynamicCache
+    state: Tensor | None = None
+
+
+def repeat_prefix(context: PrefixInputs | PrefixCache, repeats: int) -> PrefixInputs | PrefixCache:
+    """A context tiled `repeats` times along the batch (new storage; the KV cache too)."""
+    if isinstance(context, PrefixCache):
+        return PrefixCache(
+            repeat_rows(context.pad_masks, repeats),
+            repeat_cache(context.cache, repeats),
+            repeat_rows(context.state, repeats),
+        )
+    return PrefixInputs(*(repeat_rows(x, repeats) for x in context))
 
 
 class LabelMods(NamedTuple):
