@@ -121,3 +121,27 @@ def test_two_rank_ddp_run_with_a_wrapped_vla(tmp_path):
     state = out / "checkpoints" / "last" / "training_state"
     for rank in (0, 1):
         assert json.loads((state / f"ript_state_{rank}.json").read_text())["iteration"] == 1
+
+
+def test_a_checkpoint_that_does_not_fit_the_env_stops_before_any_demo_is_recorded(
+    tmp_path, fresh_accelerate_state
+):
+    import lerobot_ript.train.loop as loop
+    from lerobot_ript.train.cli import parse_config
+
+    vf.install_tiny_vla_sizes()
+    base = vf.make_tiny_vla_checkpoint("pi05", tmp_path / "base", chunk_size=6)
+    out = tmp_path / "out"
+    cfg = parse_config(
+        ["--config_path", str(DEBUG_YAML), f"--output_dir={out}", *TINY, *vla_overrides("pi05", base)]
+    )
+    with pytest.raises(ValueError, match=r"--policy.chunk_size=6"):
+        loop.train(cfg, loop.build_accelerator(cfg))
+    assert not (out / "demos").exists()
+    other_cam = parse_config(
+        ["--config_path", str(DEBUG_YAML), f"--output_dir={out}", *TINY, *vla_overrides("pi05", base)]
+        + ["--policy.chunk_size=6", "--policy.n_action_steps=4", "--env.cameras=topview"]
+    )
+    with pytest.raises(ValueError, match=r"cameras.*corner2"):
+        loop.train(other_cam, loop.build_accelerator(other_cam))
+    assert not (out / "demos").exists()

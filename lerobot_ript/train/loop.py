@@ -225,6 +225,12 @@ def demo_set(demo_ds, policy_config, failed_demos: str) -> RiptDataset:
 
 def setup(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
     set_seed(cfg.seed)  # identical initial parameters on every rank
+    if cfg.policy.is_vla and cfg.policy.backbone_path and not cfg.checkpoint_path:
+        from lerobot.envs.utils import env_to_policy_features
+
+        from lerobot_ript.policy.backbones.vla import preflight
+
+        preflight(cfg.policy, env_to_policy_features(cfg.env))  # before the (rendered) demos are recorded
     demo_ds = load_demos(cfg, accelerator)
     policy, pre, post = build_policy(cfg, demo_ds)
     check_image_inputs(cfg, sorted(policy.config.image_features))

@@ -101,6 +101,29 @@ def load_wrapped_policy(config) -> nn.Module:
     return policy
 
 
+def preflight(config, features: dict) -> None:
+    """Before anything is recorded or trained: fail, with the fix, when the checkpoint at `config.backbone_path`
+    cannot take `features` (the env's policy features: cameras, state, action). Reads only its config.json."""
+    import dataclasses
+
+    from lerobot.configs import FeatureType, PreTrainedConfig
+
+    vla_config = PreTrainedConfig.from_pretrained(config.backbone_path)
+    if vla_config.type != config.backbone:
+        raise ValueError(
+            f"policy.backbone_path={config.backbone_path} holds a {vla_config.type!r} policy but "
+            f"backbone={config.backbone!r}; set --policy.backbone={vla_config.type} or point backbone_path at a "
+            f"{config.backbone} checkpoint."
+        )
+    inputs = {k: f for k, f in features.items() if f.type is not FeatureType.ACTION}
+    outputs = {k: f for k, f in features.items() if f.type is FeatureType.ACTION}
+    check_fits(
+        dataclasses.replace(config, input_features=inputs, output_features=outputs),
+        vla_config,
+        config.backbone_path,
+    )
+
+
 def _apply_switches(vla_config, config) -> None:
     """The ript config's device and LeRobot training switches (None = the checkpoint's) onto the VLA config."""
     vla_config.device = config.device
