@@ -26,8 +26,10 @@ from lerobot_ript.policy.backbones.base import RiptBackbone
 from lerobot_ript.policy.backbones.vla import (
     PrefixCache,
     PrefixInputs,
-    StackedLabelFilm,
+    TimeLabelCondition,
+    label_expert_norms,
     label_modulate,
+    language_inputs,
     load_wrapped_policy,
     repeat_prefix,
     zero_linear,
@@ -57,16 +59,8 @@ class PaliGemmaBackbone(RiptBackbone):
         return None
 
     def encode_observation(self, batch: dict[str, Tensor]) -> PrefixInputs | PrefixCache:
-        from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
-
-        if OBS_LANGUAGE_TOKENS not in batch:
-            raise ValueError(
-                f"the batch has no '{OBS_LANGUAGE_TOKENS}': a {self.config.backbone} backbone reads the task "
-                "instruction tokenised by its processors. Run the batch (with a 'task' string per row) through "
-                "the policy's preprocessor (make_pre_post_processors)."
-            )
+        tokens, masks = language_inputs(batch, self.config.backbone)
         images, img_masks = self.vla._preprocess_images(batch)
-        tokens, masks = batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK]
         embs, pad_masks, att_masks = self.model.embed_prefix(images, img_masks, tokens, masks)
         state = self._state(batch)
         if torch.is_grad_enabled():
@@ -214,7 +208,7 @@ def _label_rms_norm_class():
     return LabelRMSNorm
 
 
-class Pi0Backbone(PaliGemmaBackbone):
+class Pi0Backbone(TimeLabelCondition, PaliGemmaBackbone):
     """pi0: condition = [sincos(t) | label_embedding(label)]; the label enters the action-time MLP and every
     expert norm (LabelRMSNorm), all through zero-initialised layers."""
 
@@ -224,34 +218,20 @@ class Pi0Backbone(PaliGemmaBackbone):
         self.label_embedding = nn.Embedding(3, w)
         self.label_to_action_time = zero_linear(w, w)
         expert = self.model.paligemma_with_expert.gemma_expert.model
-        LabelRMSNorm = _label_rms_norm_class()  # noqa: N806
-        for i, layer in enumerate(expert.layers):
-            layer.input_layernorm = LabelRMSNorm(layer.input_layernorm, 2 * i)
-            layer.post_attention_layernorm = LabelRMSNorm(layer.post_attention_layernorm, 2 * i + 1)
-        expert.norm = LabelRMSNorm(expert.norm, 2 * len(expert.layers))
-        self.label_film = StackedLabelFilm(w, 2 * len(expert.layers) + 1, int(expert.norm.dim))
+        self.label_film = label_expert_norms(expert, _label_rms_norm_class(), w)
 
     def time_condition(self, t: Tensor) -> Tensor:
-        emb = self._sincos(t)
-        return torch.cat([emb, torch.zeros_like(emb)], dim=-1)  # (N, 2 width): [time | 0]
-
-    def label_condition(self, labels: Tensor) -> Tensor:
-        emb = self.label_embedding(labels)
-        return torch.cat([torch.zeros_like(emb), emb], dim=-1)  # (N, 2 width): [0 | label]
+        return self._time_part(self._sincos(t))
 
     def _state(self, batch: dict[str, Tensor]) -> Tensor:
         return self.vla.prepare_state(batch)  # (B, max_state_dim)
 
     def _suffix(self, state, noisy_actions: Tensor, cond: Tensor):
-        m, w = self.model, self.width
-        time_emb, label = cond[:, :w], cond[:, w:]
+        m = self.model
         if m.state_proj.weight.dtype == torch.float32:
             state = state.to(torch.float32)
         state_emb = m.state_proj(state)[:, None, :]  # (B, 1, width)
-        action_emb = m.action_in_proj(noisy_actions)  # (B, T, width)
-        x = torch.cat([action_emb, time_emb[:, None, :].expand_as(action_emb)], dim=2)
-        x = m.action_time_mlp_in(x) + self.label_to_action_time(label)[:, None, :]
-        action_time_emb = m.action_time_mlp_out(F.silu(x))
+        action_time_emb, label = self._action_time(m, noisy_actions, cond)
         embs = torch.cat([state_emb, action_time_emb], dim=1)
         pad, att = self._action_att_masks(embs.shape[0], [1], embs.dtype, embs.device)
         return embs, pad, att, self.label_film(label)  # every expert norm's (1 + scale, shift)

@@ -18,15 +18,16 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from lerobot_ript.policy.backbones.base import RiptBackbone
 from lerobot_ript.policy.backbones.vla import (
     PrefixCache,
     PrefixInputs,
-    StackedLabelFilm,
+    TimeLabelCondition,
+    label_expert_norms,
     label_modulate,
+    language_inputs,
     load_wrapped_policy,
     repeat_prefix,
     zero_linear,
@@ -61,7 +62,7 @@ class LabelNorm(nn.Module):
         return out if mods is None else label_modulate(out, mods, self.index)
 
 
-class SmolVLABackbone(RiptBackbone):
+class SmolVLABackbone(TimeLabelCondition, RiptBackbone):
     """SmolVLA: condition = [sincos(t) | label_embedding(label)]; the label reaches the action-time MLP and
     every expert norm."""
 
@@ -81,12 +82,9 @@ class SmolVLABackbone(RiptBackbone):
         self.label_embedding = nn.Embedding(3, w)
         self.label_to_action_time = zero_linear(w, w)
         self._slot = LabelSlot()
-        expert = vwe.lm_expert
-        for i, layer in enumerate(expert.layers):
-            layer.input_layernorm = LabelNorm(layer.input_layernorm, 2 * i, self._slot)
-            layer.post_attention_layernorm = LabelNorm(layer.post_attention_layernorm, 2 * i + 1, self._slot)
-        expert.norm = LabelNorm(expert.norm, 2 * len(expert.layers), self._slot)
-        self.label_film = StackedLabelFilm(w, 2 * len(expert.layers) + 1, int(expert.norm.weight.shape[0]))
+        self.label_film = label_expert_norms(
+            vwe.lm_expert, lambda norm, index: LabelNorm(norm, index, self._slot), w
+        )
 
     @property
     def model(self):
@@ -101,26 +99,14 @@ class SmolVLABackbone(RiptBackbone):
 
         c = self.vla.config
         emb = create_sinusoidal_pos_embedding(t, self.width, c.min_period, c.max_period, device=t.device)
-        emb = emb.type(dtype=self.model.action_in_proj.weight.dtype)
-        return torch.cat([emb, torch.zeros_like(emb)], dim=-1)  # (N, 2 width): [time | 0]
-
-    def label_condition(self, labels: Tensor) -> Tensor:
-        emb = self.label_embedding(labels)
-        return torch.cat([torch.zeros_like(emb), emb], dim=-1)  # (N, 2 width): [0 | label]
+        return self._time_part(emb.type(dtype=self.model.action_in_proj.weight.dtype))
 
     def encode_observation(self, batch: dict[str, Tensor]) -> PrefixInputs | PrefixCache:
         from lerobot.policies.common.vla_utils import make_att_2d_masks
-        from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
 
-        if OBS_LANGUAGE_TOKENS not in batch:
-            raise ValueError(
-                f"the batch has no '{OBS_LANGUAGE_TOKENS}': the smolvla backbone reads the task instruction "
-                "tokenised by its processors. Run the batch (with a 'task' string per row) through the policy's "
-                "preprocessor (make_pre_post_processors)."
-            )
+        tokens, masks = language_inputs(batch, "smolvla")
         images, img_masks = self.vla.prepare_images(batch)
         state = self.vla.prepare_state(batch)
-        tokens, masks = batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK]
         embs, pad_masks, att_masks = self.model.embed_prefix(images, img_masks, tokens, masks, state=state)
         if torch.is_grad_enabled():
             return PrefixInputs(embs, pad_masks, att_masks)
@@ -139,12 +125,8 @@ class SmolVLABackbone(RiptBackbone):
     def denoise(self, context, noisy_actions: Tensor, cond: Tensor) -> Tensor:
         from lerobot.policies.common.vla_utils import make_att_2d_masks
 
-        m, w = self.model, self.width
-        time_emb, label = cond[:, :w], cond[:, w:]
-        action_emb = m.action_in_proj(noisy_actions)  # (B, T, width)
-        x = torch.cat([action_emb, time_emb.to(action_emb.dtype)[:, None, :].expand_as(action_emb)], dim=2)
-        x = m.action_time_mlp_in(x) + self.label_to_action_time(label)[:, None, :]
-        suffix_embs = m.action_time_mlp_out(F.silu(x))
+        m = self.model
+        suffix_embs, label = self._action_time(m, noisy_actions, cond)
         b, n = suffix_embs.shape[:2]
         suffix_pad = torch.ones(b, n, dtype=torch.bool, device=suffix_embs.device)
         suffix_att = torch.ones(b, n, dtype=suffix_embs.dtype, device=suffix_embs.device)  # [1] * chunk_size

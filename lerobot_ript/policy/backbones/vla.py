@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
@@ -294,6 +295,52 @@ class StackedLabelFilm(nn.Module):
 def label_modulate(out: Tensor, mods: LabelMods, index: int) -> Tensor:
     """`out * (1 + scale) + shift` of norm `index`; out (B, T, dim)."""
     return torch.addcmul(mods.shift[index], out, mods.scale1[index]).to(out.dtype)
+
+
+def language_inputs(batch: dict[str, Tensor], backbone: str) -> tuple[Tensor, Tensor]:
+    """The instruction tokens and their mask (B, L) that the backbone's processors wrote; a clear error without."""
+    from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
+
+    if OBS_LANGUAGE_TOKENS not in batch:
+        raise ValueError(
+            f"the batch has no '{OBS_LANGUAGE_TOKENS}': a {backbone} backbone reads the task instruction "
+            "tokenised by its processors. Run the batch (with a 'task' string per row) through the policy's "
+            "preprocessor (make_pre_post_processors)."
+        )
+    return batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK]
+
+
+def label_expert_norms(expert: nn.Module, make_norm, cond_dim: int) -> StackedLabelFilm:
+    """Replace every norm of `expert` (each layer's input and post-attention norm, then the final one) by
+    `make_norm(norm, index)`, indices in that order; returns the one layer giving them their modulations from
+    a label condition of `cond_dim`."""
+    for i, layer in enumerate(expert.layers):
+        layer.input_layernorm = make_norm(layer.input_layernorm, 2 * i)
+        layer.post_attention_layernorm = make_norm(layer.post_attention_layernorm, 2 * i + 1)
+    expert.norm = make_norm(expert.norm, 2 * len(expert.layers))
+    return StackedLabelFilm(cond_dim, 2 * len(expert.layers) + 1, int(expert.norm.weight.shape[0]))
+
+
+class TimeLabelCondition:
+    """pi0's and SmolVLA's condition layout, [time embedding | label embedding] (N, 2 width): the two parts are
+    summed by the policy and split again by the backbone; the label is added inside the action-time MLP through
+    a zero-initialised layer. Mixed into a backbone that sets `label_embedding`, `label_to_action_time`, `width`."""
+
+    def _time_part(self, emb: Tensor) -> Tensor:
+        return torch.cat([emb, torch.zeros_like(emb)], dim=-1)  # (N, 2 width): [time | 0]
+
+    def label_condition(self, labels: Tensor) -> Tensor:
+        emb = self.label_embedding(labels)
+        return torch.cat([torch.zeros_like(emb), emb], dim=-1)  # (N, 2 width): [0 | label]
+
+    def _action_time(self, model, noisy_actions: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
+        """(the action-time MLP's tokens (B, T, width), the label part (B, width)) of the condition, as LeRobot's
+        `embed_suffix` computes the tokens, plus the label term."""
+        time_emb, label = cond[:, : self.width], cond[:, self.width :]
+        action_emb = model.action_in_proj(noisy_actions)  # (B, T, width)
+        x = torch.cat([action_emb, time_emb.to(action_emb.dtype)[:, None, :].expand_as(action_emb)], dim=2)
+        x = model.action_time_mlp_in(x) + self.label_to_action_time(label)[:, None, :]
+        return model.action_time_mlp_out(F.silu(x)), label
 
 
 def repeat_cache(cache, repeats: int):
