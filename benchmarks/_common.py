@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from collections.abc import Callable
@@ -47,3 +48,12 @@ def interleaved_times(
             sync()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def write_results(res: dict, output: Path, markdown: str, logger) -> None:
+    """The results as JSON at `output` and the rendered table beside it (`.md`), both logged."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(res, indent=2) + "\n")
+    output.with_suffix(".md").write_text(markdown)
+    logger.info("%s", markdown)
+    logger.info("wrote %s and %s", output, output.with_suffix(".md"))

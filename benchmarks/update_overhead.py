@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
 import logging
 import os
 import statistics
@@ -40,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import add_network_arguments, cpu_name, interleaved_times
+from _common import add_network_arguments, cpu_name, interleaved_times, write_results
 from lerobot.configs import FeatureType, PolicyFeature
 from lerobot.utils.constants import ACTION, OBS_STATE
 
@@ -281,12 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
             "batched_faster_than_separate": ratios["sampling_batched_over_separate"] < 1.0,
         },
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(res, indent=2) + "\n")
-    md = render_markdown(res)
-    args.output.with_suffix(".md").write_text(md)
-    logger.info("%s", md)
-    logger.info("wrote %s and %s", args.output, args.output.with_suffix(".md"))
+    write_results(res, args.output, render_markdown(res), logger)
     return res
 
 

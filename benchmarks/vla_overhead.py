@@ -36,7 +36,6 @@ import contextlib
 import functools
 import gc
 import io
-import json
 import logging
 import os
 import statistics
@@ -45,7 +44,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import cpu_name, interleaved_times
+from _common import cpu_name, interleaved_times, write_results
 from torch.utils._python_dispatch import TorchDispatchMode
 from update_overhead import peak_extra_bytes, summarise
 
@@ -392,12 +391,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "static: parameters + gradients + AdamW state, counted",
         "kinds": kinds,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(res, indent=2) + "\n")
-    md = render_markdown(res)
-    args.output.with_suffix(".md").write_text(md)
-    logger.info("%s", md)
-    logger.info("wrote %s and %s", args.output, args.output.with_suffix(".md"))
+    write_results(res, args.output, render_markdown(res), logger)
     return res
 
 
