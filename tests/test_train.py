@@ -102,6 +102,13 @@ def train_cmd(out: Path, *overrides: str) -> list[str]:
     ]
 
 
+def two_rank_train_cmd(out: Path, *overrides: str) -> list[str]:
+    """`train_cmd` under `accelerate launch --config_file accelerate_configs/cpu.yaml`: two real gloo ranks."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launch += [str(REPO_ROOT / "accelerate_configs" / "cpu.yaml"), "--main_process_port", str(free_port())]
+    return launch + train_cmd(out, *overrides)[1:]  # `-m lerobot_ript.train ...` without python
+
+
 def run_ok(cmd: list[str], env: dict[str, str], log: Path) -> str:
     """Run to completion, keep the combined output in `log`, fail with its tail on a non-zero exit."""
     proc = subprocess.run(

@@ -10,11 +10,10 @@ group; every multi-process test asserts the world size it got.
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 from safetensors.torch import load_file
-from test_train import REPO_ROOT, ckpt, free_port, run_ok, subprocess_env, train_cmd
+from test_train import ckpt, run_ok, subprocess_env, two_rank_train_cmd
 
 from lerobot_ript.train.loop import CHECKSUM_ENV_VAR, param_checksum
 
@@ -22,16 +21,7 @@ from lerobot_ript.train.loop import CHECKSUM_ENV_VAR, param_checksum
 @pytest.mark.multiprocess
 def test_two_rank_cpu_run_trains_one_model_on_both_ranks(tmp_path):
     out = tmp_path / "out"
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO_ROOT / "accelerate_configs" / "cpu.yaml"),
-        "--main_process_port",
-        str(free_port()),
-    ]
-    cmd = launch + train_cmd(out, "--eval.eval_episodes=2")[1:]  # `-m lerobot_ript.train ...` without python
+    cmd = two_rank_train_cmd(out, "--eval.eval_episodes=2")
     log = run_ok(cmd, subprocess_env(tmp_path, **{CHECKSUM_ENV_VAR: "1"}), tmp_path / "train.log")
 
     assert log.count("Accelerate: 2 process(es)") == 1  # said by the main process only

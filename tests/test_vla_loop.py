@@ -4,7 +4,6 @@ iteration in process per backbone, and a 2-rank DDP run (`accelerate launch`, tw
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -12,13 +11,11 @@ import vla_fixtures as vf
 from safetensors.torch import load_file
 from test_train import (
     DEBUG_YAML,
-    REPO_ROOT,
     TINY,
     ckpt,
-    free_port,
     run_ok,
     subprocess_env,
-    train_cmd,
+    two_rank_train_cmd,
 )
 from test_vla_cli import tiny_vla_env
 
@@ -101,16 +98,7 @@ def test_two_rank_ddp_run_with_a_wrapped_vla(tmp_path):
     vf.install_tiny_vla_sizes()
     base = vf.make_tiny_vla_checkpoint("pi05", tmp_path / "base")
     out = tmp_path / "out"
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO_ROOT / "accelerate_configs" / "cpu.yaml"),
-        "--main_process_port",
-        str(free_port()),
-    ]
-    cmd = launch + train_cmd(out, "--num_train_steps=1", *vla_overrides("pi05", base))[1:]
+    cmd = two_rank_train_cmd(out, "--num_train_steps=1", *vla_overrides("pi05", base))
     env = subprocess_env(tmp_path)
     env["PYTHONPATH"] = tiny_vla_env(tmp_path)["PYTHONPATH"]  # the tiny-size patch in every rank
     log = run_ok(cmd, env, tmp_path / "train.log")
