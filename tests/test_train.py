@@ -102,6 +102,54 @@ def train_cmd(out: Path, *overrides: str) -> list[str]:
     ]
 
 
+@dataclass
+class LoopSpy:
+    """What an in-process loop run handed its phases: update micro-batches, collectors and their results, the
+    `task` given to every make_chunk_policy."""
+
+    batches: list
+    collectors: list
+    results: list
+    chunk_tasks: list
+
+
+def spy_on_loop(monkeypatch) -> LoopSpy:
+    """Wrap the loop's update_step, collect and make_chunk_policy to record what they get (behaviour unchanged)."""
+    import lerobot_ript.train.loop as loop
+
+    spy = LoopSpy([], [], [], [])
+    real_update, real_collect, real_chunk_policy = loop.update_step, loop.collect, loop.make_chunk_policy
+
+    def update_step(policy, micro_batches, *args, **kwargs):
+        spy.batches.extend(micro_batches)
+        return real_update(policy, micro_batches, *args, **kwargs)
+
+    def collect(run, collector):
+        spy.collectors.append(collector)
+        spy.results.append(real_collect(run, collector))
+        return spy.results[-1]
+
+    def make_chunk_policy(*args, **kwargs):
+        spy.chunk_tasks.append(kwargs.get("task"))
+        return real_chunk_policy(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "update_step", update_step)
+    monkeypatch.setattr(loop, "collect", collect)
+    monkeypatch.setattr(loop, "make_chunk_policy", make_chunk_policy)
+    return spy
+
+
+def train_in_process(cfg):
+    """`loop.train` in this process, torch's thread count restored afterwards."""
+    import lerobot_ript.train.loop as loop
+
+    threads = torch.get_num_threads()
+    try:
+        return loop.train(cfg, loop.build_accelerator(cfg))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def two_rank_train_cmd(out: Path, *overrides: str) -> list[str]:
     """`train_cmd` under `accelerate launch --config_file accelerate_configs/cpu.yaml`: two real gloo ranks."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
@@ -1030,7 +1078,6 @@ def test_loop_trains_an_image_policy_on_rendered_demos_and_rollouts(
     call sends the instruction, and the checkpoint is an image policy."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-    import lerobot_ript.train.loop as loop
     from lerobot_ript.train.cli import parse_config
 
     instruction, key = "Push the puck to a goal", "observation.images.corner2"
@@ -1052,30 +1099,10 @@ def test_loop_trains_an_image_policy_on_rendered_demos_and_rollouts(
             "--data.save_rollouts=true",
         ]
     )
-    batches, results, chunk_tasks = [], [], []
-    real_update, real_collect, real_chunk_policy = loop.update_step, loop.collect, loop.make_chunk_policy
-
-    def update_step(policy, micro_batches, *args, **kwargs):
-        batches.extend(micro_batches)
-        return real_update(policy, micro_batches, *args, **kwargs)
-
-    def collect(run, collector):
-        results.append(real_collect(run, collector))
-        assert collector.record_images
-        return results[-1]
-
-    def make_chunk_policy(*args, **kwargs):
-        chunk_tasks.append(kwargs.get("task"))
-        return real_chunk_policy(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "update_step", update_step)
-    monkeypatch.setattr(loop, "collect", collect)
-    monkeypatch.setattr(loop, "make_chunk_policy", make_chunk_policy)
-    threads = torch.get_num_threads()
-    try:
-        run = loop.train(cfg, loop.build_accelerator(cfg))
-    finally:
-        torch.set_num_threads(threads)
+    spy = spy_on_loop(monkeypatch)
+    run = train_in_process(cfg)
+    batches, results, chunk_tasks = spy.batches, spy.results, spy.chunk_tasks
+    assert spy.collectors and all(c.record_images for c in spy.collectors)
 
     assert list(run.model.config.image_features) == [key]
     assert chunk_tasks == [instruction] * 3  # eval at start, the rollouts, the final eval
@@ -1176,7 +1203,6 @@ def test_loop_trains_one_policy_on_two_tasks(fresh_accelerate_state, tmp_path, m
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
     from lerobot.policies.factory import get_policy_class
 
-    import lerobot_ript.train.loop as loop
     from lerobot_ript.data.writer import init_hash_of
     from lerobot_ript.train.cli import parse_config
 
@@ -1200,29 +1226,9 @@ def test_loop_trains_one_policy_on_two_tasks(fresh_accelerate_state, tmp_path, m
             "--data.bad_share=0.5",
         ]
     )
-    batches, results, chunk_tasks = [], [], []
-    real_update, real_collect, real_chunk_policy = loop.update_step, loop.collect, loop.make_chunk_policy
-
-    def update_step(policy, micro_batches, *args, **kwargs):
-        batches.extend(micro_batches)
-        return real_update(policy, micro_batches, *args, **kwargs)
-
-    def collect(run, collector):
-        results.append(real_collect(run, collector))
-        return results[-1]
-
-    def make_chunk_policy(*args, **kwargs):
-        chunk_tasks.append(kwargs.get("task"))
-        return real_chunk_policy(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "update_step", update_step)
-    monkeypatch.setattr(loop, "collect", collect)
-    monkeypatch.setattr(loop, "make_chunk_policy", make_chunk_policy)
-    threads = torch.get_num_threads()
-    try:
-        run = loop.train(cfg, loop.build_accelerator(cfg))
-    finally:
-        torch.set_num_threads(threads)
+    spy = spy_on_loop(monkeypatch)
+    run = train_in_process(cfg)
+    batches, results, chunk_tasks = spy.batches, spy.results, spy.chunk_tasks
 
     assert run.model.config.task_names == tasks
     # eval at start per task, the rollouts (the collector sends each row's instruction), the final eval per task

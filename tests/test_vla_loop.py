@@ -14,7 +14,9 @@ from test_train import (
     TINY,
     ckpt,
     run_ok,
+    spy_on_loop,
     subprocess_env,
+    train_in_process,
     two_rank_train_cmd,
 )
 from test_vla_cli import tiny_vla_env
@@ -43,7 +45,6 @@ def vla_overrides(kind: str, base) -> list[str]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_one_ript_iteration_with_a_wrapped_vla(kind, tmp_path, monkeypatch, fresh_accelerate_state):
     pytest.importorskip("metaworld")
-    import lerobot_ript.train.loop as loop
     from lerobot_ript.policy.modeling_ript import RiptPolicy
     from lerobot_ript.train.cli import parse_config
 
@@ -55,19 +56,9 @@ def test_one_ript_iteration_with_a_wrapped_vla(kind, tmp_path, monkeypatch, fres
         + vla_overrides(kind, base)
         + ["--optim.sft_steps=1", "--data.num_demos=1"]
     )
-    seen = []
-    real_update = loop.update_step
-
-    def update_step(policy, micro_batches, *args, **kwargs):
-        seen.extend(micro_batches)
-        return real_update(policy, micro_batches, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "update_step", update_step)
-    threads = torch.get_num_threads()
-    try:
-        run = loop.train(cfg, loop.build_accelerator(cfg))
-    finally:
-        torch.set_num_threads(threads)
+    spy = spy_on_loop(monkeypatch)
+    run = train_in_process(cfg)
+    seen = spy.batches
 
     assert type(run.model.backbone).__name__ == {"pi0": "Pi0Backbone", "pi05": "Pi05Backbone"}.get(
         kind, "SmolVLABackbone"
