@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from lerobot_ript.advantages import LABEL_BAD, LABEL_GOOD, LABEL_NULL
 from lerobot_ript.policy.backbones import make_backbone
 from lerobot_ript.policy.configuration_ript import RiptConfig
+from lerobot_ript.shapes import pad_or_truncate
 
 ADVANTAGES_KEY = "advantages"
 ADVANTAGE_WEIGHTS_KEY = "advantage_weights"
@@ -146,7 +147,9 @@ class RiptPolicy(PreTrainedPolicy):
             )
         labels = labels_from_advantages(batch, b, device)
         context = self.backbone.encode_observation(self._images_to_float(batch))
-        actions = _pad_last(actions, self.backbone.flow_action_dim)  # (B, T, flow_action_dim), zeros past A
+        actions = pad_or_truncate(
+            actions, self.backbone.flow_action_dim
+        )  # (B, T, flow_action_dim), zeros past A
         noise = sample_noise(actions.shape, device)
         t = self._sample_time(b, device)
         x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
@@ -417,11 +420,6 @@ def _grid_step(step_of: dict[float, int], t: Tensor) -> int:
 def _guide(v_good: Tensor, v_neg: Tensor, w: float) -> Tensor:
     """Guidance: v_neg + w (v_good - v_neg), v_neg the null (classifier-free guidance) or the bad branch."""
     return v_neg + w * (v_good - v_neg)
-
-
-def _pad_last(x: Tensor, dim: int) -> Tensor:
-    """Zero-pad the last dimension of x to `dim` (no copy when it already has that size)."""
-    return x if x.shape[-1] == dim else F.pad(x, (0, dim - x.shape[-1]))
 
 
 def _select_rows(batch: dict, idx: Tensor, b: int) -> dict:
