@@ -22,38 +22,25 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from lerobot_ript.policy.backbones.base import RiptBackbone
 from lerobot_ript.policy.backbones.vla import (
     PrefixCache,
     PrefixInputs,
     TimeLabelCondition,
+    VLABackbone,
     label_expert_norms,
     label_modulate,
     language_inputs,
-    load_wrapped_policy,
     repeat_prefix,
     zero_linear,
 )
 
 
-class PaliGemmaBackbone(RiptBackbone):
+class PaliGemmaBackbone(VLABackbone):
     """What pi0 and pi05 share; subclasses embed the suffix (`_suffix`) and the condition."""
 
-    owns_condition = True
-
     def __init__(self, config) -> None:
-        super().__init__()
-        self.config = config
-        self.vla = load_wrapped_policy(config)  # PI0Policy / PI05Policy: its preprocessing and its model
+        super().__init__(config)
         self.width = int(self.vla.model.action_in_proj.out_features)  # the expert's width
-
-    @property
-    def model(self):
-        return self.vla.model  # PI0Pytorch / PI05Pytorch
-
-    @property
-    def flow_action_dim(self) -> int:
-        return int(self.vla.config.max_action_dim)
 
     def _state(self, batch: dict[str, Tensor]) -> Tensor | None:
         return None

@@ -20,15 +20,14 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from lerobot_ript.policy.backbones.base import RiptBackbone
 from lerobot_ript.policy.backbones.vla import (
     PrefixCache,
     PrefixInputs,
     TimeLabelCondition,
+    VLABackbone,
     label_expert_norms,
     label_modulate,
     language_inputs,
-    load_wrapped_policy,
     repeat_prefix,
     zero_linear,
 )
@@ -62,16 +61,12 @@ class LabelNorm(nn.Module):
         return out if mods is None else label_modulate(out, mods, self.index)
 
 
-class SmolVLABackbone(TimeLabelCondition, RiptBackbone):
+class SmolVLABackbone(TimeLabelCondition, VLABackbone):
     """SmolVLA: condition = [sincos(t) | label_embedding(label)]; the label reaches the action-time MLP and
     every expert norm."""
 
-    owns_condition = True
-
     def __init__(self, config) -> None:
-        super().__init__()
-        self.config = config
-        self.vla = load_wrapped_policy(config)  # SmolVLAPolicy: its preprocessing and its VLAFlowMatching
+        super().__init__(config)
         if self.vla.config.adapt_to_pi_aloha:
             raise ValueError(
                 "this SmolVLA checkpoint uses adapt_to_pi_aloha (Aloha gripper space conversions); the smolvla "
@@ -85,14 +80,6 @@ class SmolVLABackbone(TimeLabelCondition, RiptBackbone):
         self.label_film = label_expert_norms(
             vwe.lm_expert, lambda norm, index: LabelNorm(norm, index, self._slot), w
         )
-
-    @property
-    def model(self):
-        return self.vla.model  # VLAFlowMatching
-
-    @property
-    def flow_action_dim(self) -> int:
-        return int(self.vla.config.max_action_dim)
 
     def time_condition(self, t: Tensor) -> Tensor:
         from lerobot.policies.common.vla_utils import create_sinusoidal_pos_embedding

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from lerobot_ript.policy.backbones.base import RiptBackbone
+
 logger = logging.getLogger(__name__)
 
 _ARCHITECTURE_ONLY = contextvars.ContextVar("ript_vla_architecture_only", default=False)
@@ -41,6 +43,26 @@ def architecture_only() -> Iterator[None]:
         yield
     finally:
         _ARCHITECTURE_ONLY.reset(token)
+
+
+class VLABackbone(RiptBackbone):
+    """What every wrapped LeRobot VLA backbone is: the LeRobot policy (`self.vla`, loaded or rebuilt by
+    `load_wrapped_policy`), its core model, a flow at `max_action_dim`, and its own time / label condition."""
+
+    owns_condition = True
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.vla = load_wrapped_policy(config)  # PI0Policy / PI05Policy / SmolVLAPolicy
+
+    @property
+    def model(self):
+        return self.vla.model  # PI0Pytorch / PI05Pytorch / VLAFlowMatching
+
+    @property
+    def flow_action_dim(self) -> int:
+        return int(self.vla.config.max_action_dim)
 
 
 def check_transformers() -> None:
