@@ -471,6 +471,66 @@ def test_dynamic_sampling_stops_at_max_groups_without_padding(pool, initial_stat
     assert not np.shares_memory(a.actions, b.actions) and not np.shares_memory(a.states, b.states)
 
 
+def test_probe_drops_a_state_after_its_failed_probe_and_completes_the_others(pool, initial_state):
+    """probe_rollouts=2 of K=4, two slots of 2 sub-envs. Round 1: probes of seed 3 (all fail: dropped after 2
+    episodes) and seed 8 (one success: queued). Round 2: seed 8's completion (a group [1, 0, 1, 0], kept: goal
+    reached) and the probe of seed 6 (all succeed: queued, not dropped). Round 3: seed 6's completion only (no new
+    state once the goal is reached), all-success, dropped and kept as solved. 10 episodes instead of 12."""
+    k, probe = 4, 2
+    plan = {goal_key(initial_state(8)): {0}, goal_key(initial_state(6)): {0, 1}}  # row within its slot of 2
+    policy, sampler, fails = GroupPolicy(probe, plan, seed=5), SeedList([3, 8, 6]), SkipTracker(1)
+    make = pool.factory(k)
+    collector = GroupedCollector(
+        lambda num_envs=k: make() if num_envs == k else pool.factory(num_envs)(),
+        policy,
+        task=TASK,
+        group_size=k,
+        num_slots=2,
+        goal_rollouts=4,
+        max_groups=10,
+        seed_sampler=sampler,
+        fail_tracker=fails,
+        keep_solved=True,
+        probe_rollouts=probe,
+        max_episode_steps=EXPERT_HORIZON,
+    )
+    try:
+        result = collector.collect()
+    finally:
+        collector.close()
+    assert_consistent(result, k)
+    s = result.stats
+    assert (s.groups_sampled, s.groups_kept, s.groups_dropped, s.groups_probe_dropped) == (3, 1, 2, 1)
+    assert s.episodes == 10 and s.goal_reached and s.solved_rollouts == k
+    assert policy.calls[0] == 4  # every round batches both slots' 2 sub-envs in one call
+    hash8, hash6 = (init_hash_of(TASK, initial_state(seed)) for seed in (8, 6))
+    assert [ep.init_hash for ep in result.episodes] == [hash8] * k
+    assert [ep.success for ep in result.episodes] == [True, False, True, False]  # probe, then completion
+    assert [ep.advantage for ep in result.episodes] == pytest.approx([2 / 3, -2 / 3, 2 / 3, -2 / 3])
+    assert [ep.init_hash for ep in result.solved_episodes] == [hash6] * k
+    assert all(ep.success for ep in result.solved_episodes)
+    # seed 3 counts as one failed group of its 2 probe rollouts, the others as groups of K
+    assert sampler.recorded == [(3, 0, probe), (8, 2, k), (6, 4, k)]
+    assert fails.should_skip(init_hash_of(TASK, initial_state(3))) and s.success_rate == pytest.approx(6 / 10)
+
+
+def test_probe_rollouts_must_leave_a_completion_and_need_dynamic_sampling(pool):
+    for probe, dynamic in ((4, True), (2, False)):
+        with pytest.raises(ValueError, match="probe_rollouts"):
+            GroupedCollector(
+                pool.factory(4),
+                None,
+                task=TASK,
+                group_size=4,
+                num_slots=1,
+                goal_rollouts=1,
+                max_groups=1,
+                seed_sampler=SeedSampler(1),
+                dynamic_sampling=dynamic,
+                probe_rollouts=probe,
+            )
+
+
 # -------------------------------------------------------------------------------------------- skipping
 def test_skip_tracker_skips_a_solved_state_then_retries_it(pool, initial_state):
     """threshold=2, the expert solves every state. Seed 3 is solved twice, so the next two draws of seed 3 are

@@ -160,3 +160,28 @@ def test_quick_smoke_on_another_task_with_its_own_sft_settings(tmp_path):
     assert "(reach-v3, held-out initial states)" in (tmp_path / "RESULTS.md").read_text()
     other = subprocess.run(base + ["--task", "push-v3"], env=env, capture_output=True, text=True, timeout=300)
     assert other.returncode != 0 and "use another --out" in other.stdout + other.stderr
+
+
+def test_quick_smoke_of_one_policy_on_two_tasks_with_the_probe_arm(tmp_path):
+    """`--task` with two tasks: one SFT and one arm over both (here the episode-saving `ript_probe`, its probe of
+    1 of K = 2 under --quick), each task's SFT start, final success and change in RESULTS.md, a plot per task."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(SCRIPT), "arm", "--quick", "--arm", "ript_probe", "--out", str(tmp_path)]
+    cmd += ["--task", "push-v3,reach-v3", "--episode-length", "25"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = tmp_path / "ript_probe_seed0" / "checkpoints" / "last" / "pretrained_model"
+    cfg = json.loads((ckpt / "train_config.json").read_text())
+    assert cfg["env"]["task"] == "push-v3,reach-v3" and cfg["rollout"]["probe_rollouts"] == 1
+    assert json.loads((ckpt / "config.json").read_text())["task_names"] == ["push-v3", "reach-v3"]
+    rows = [json.loads(line) for line in (ckpt.parents[2] / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "rollout/episodes" in r]
+    # probes that all fail cost 1 episode, not K = 2: the budget counts the episodes run
+    assert sum(r["rollout/episodes"] for r in rows) >= 8
+    assert all(r["rollout/episodes"] <= 2 * r["rollout/groups_sampled"] for r in rows)
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "Per task (one policy trained on all of them" in text
+    for task in ("push-v3", "reach-v3", "mean"):
+        assert any(ln.startswith(f"| {task} | ") and "| ript_probe |" in ln for ln in text.splitlines()), task
+    for task in ("push-v3", "reach-v3"):
+        assert (tmp_path / f"success_{task}.png").stat().st_size > 1000

@@ -224,6 +224,14 @@ def files_containing(root: Path, needle: str) -> list[str]:
         ),
         (["--data.good_share=-0.1"], ["data.good_share=-0.1", "must be >= 0", "--data.good_share=<value>"]),
         (
+            ["--rollout.probe_rollouts=2"],  # debug.yaml's K = 2: no rollout left to complete a probe
+            ["rollout.probe_rollouts=2", "[1, 1]", "--rollout.probe_rollouts=<value>"],
+        ),
+        (
+            ["--rollout.probe_rollouts=1", "--rollout.enable_dynamic_sampling=false"],
+            ["rollout.probe_rollouts=1", "enable_dynamic_sampling=true"],
+        ),
+        (
             ["--policy.objective=cfgg"],
             ["policy.objective='cfgg'", "['cfg', 'cfgrl', 'weighted', 'repel']", "Did you mean 'cfg'?"],
         ),
@@ -287,6 +295,8 @@ def files_containing(root: Path, needle: str) -> list[str]:
         "rloo-batch-1",
         "negative-lr",
         "negative-share",
+        "probe-without-completion",
+        "probe-without-dynamic-sampling",
         "objective",
         "normalization",
         "mixed-precision-typo",
@@ -874,12 +884,13 @@ def test_update_step_takes_one_step_per_call_and_rejects_a_wrong_micro_batch_cou
 
 
 @pytest.mark.parametrize(
-    ("scale", "groups_sampled", "expected"),
-    [(False, 16, 30), (True, 8, 30), (True, 16, 60), (True, 12, 45), (True, 0, 1)],
+    ("scale", "episodes", "expected"),
+    [(False, 128, 30), (True, 64, 30), (True, 128, 60), (True, 96, 45), (True, 0, 1)],
 )
-def test_update_steps_scale_with_collection_rounds(fresh_accelerate_state, scale, groups_sampled, expected):
+def test_update_steps_scale_with_collection_rounds(fresh_accelerate_state, scale, episodes, expected):
     """With optim.scale_updates_with_rounds, an iteration that dynamic sampling stretched to two rounds of
-    groups_per_round groups makes twice the updates (equal optimizer steps per collected episode)."""
+    groups_per_round x K episodes makes twice the updates (equal optimizer steps per collected episode; 96: e.g.
+    8 groups of 8 and 8 probes of 4 dropped)."""
     from types import SimpleNamespace
 
     from accelerate import Accelerator
@@ -893,7 +904,7 @@ def test_update_steps_scale_with_collection_rounds(fresh_accelerate_state, scale
     cfg.optim.update_steps_per_iteration = 30
     cfg.optim.scale_updates_with_rounds = scale
     run = SimpleNamespace(cfg=cfg, accelerator=Accelerator(cpu=True))
-    result = SimpleNamespace(stats=CollectionStats(groups_sampled=groups_sampled))
+    result = SimpleNamespace(stats=CollectionStats(episodes=episodes))
     assert update_steps(run, result) == expected
 
 
@@ -916,6 +927,27 @@ def test_keep_solved_groups_reaches_the_collector(fresh_accelerate_state, keep):
         assert collector.keep_solved is keep and collector.dynamic_sampling
     finally:
         collector.close()
+
+
+def test_probe_rollouts_reach_the_collector_with_slots_for_a_rounds_sub_envs(fresh_accelerate_state):
+    """rollout.probe_rollouts is handed to the collector (tested there), whose slots of P or K - P sub-envs keep a
+    round at groups_per_round x K sub-envs: 2 groups of K = 4 probed with 2 -> 4 slots of 2."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from lerobot_ript.train.config import RiptTrainConfig
+    from lerobot_ript.train.loop import RunState, make_collector
+
+    cfg = RiptTrainConfig()
+    cfg.rollout.groups_per_round, cfg.rollout.rloo_batch_size, cfg.rollout.probe_rollouts = 2, 4, 2
+    run = SimpleNamespace(cfg=cfg, accelerator=Accelerator(cpu=True), state=RunState())
+    collector = make_collector(run)
+    try:
+        assert collector.probe == 2 and [s.env.num_envs for s in collector.slots] == [2] * 4
+    finally:
+        collector.close()
+    assert RiptTrainConfig().rollout.probe_rollouts == 0  # off unless asked for
 
 
 def test_fail_skip_threshold_reaches_the_collector_and_its_history_is_restored(fresh_accelerate_state):

@@ -57,6 +57,11 @@ ARMS: dict[str, tuple[str, list[str]]] = {
         ],
     ),
     "no_dynamic": ("RIPT without dynamic sampling", ["--rollout.enable_dynamic_sampling=false"]),
+    "ript_probe": (
+        "RIPT with the episode-saving dynamic sampling: each state probed with 4 of its 8 rollouts first, a state "
+        "whose 4 all fail dropped after them (rollout.probe_rollouts=4)",
+        ["--rollout.probe_rollouts=4"],
+    ),
     "no_guidance": (
         "RIPT without guidance (w = 1, no label dropout)",
         ["--policy.cfg_dropout_prob=0", "--rollout.guidance_scale=1", "--eval.guidance_scale=1"],
@@ -145,6 +150,10 @@ QUICK = [
 ]
 
 
+# --quick runs K = 2: an arm's probe of 4 becomes a probe of 1
+QUICK_ARM_FIXES = {"--rollout.probe_rollouts=4": "--rollout.probe_rollouts=1"}
+
+
 def _train(args: list[str], log: Path) -> float:
     cmd = [sys.executable, "-m", "lerobot_ript.train", "--config_path", str(BASE), *args]
     t0 = time.perf_counter()
@@ -201,6 +210,8 @@ def arm(
     if (run_dir / "result.json").exists():
         return run_dir
     _, overrides = ARMS[name]
+    if quick:
+        overrides = [QUICK_ARM_FIXES.get(o, o) for o in overrides]
     args = [
         f"--output_dir={run_dir}",
         f"--seed={seed}",
@@ -481,6 +492,15 @@ def report(out: Path) -> Path:
     fig.savefig(out / "success_compute.png", dpi=100)
     plt.close(fig)
     lines += _summary(results, sft_hist)
+    tasks = list(sft_hist[-1].get("tasks", {})) if sft_hist else []
+    if tasks:  # one multi-task policy: each task's table and plot
+        lines += _task_table(results, sft_hist, tasks)
+        for t in tasks:
+            fig, ax = _plot(plt, *_task_view(results, sft_hist, t))
+            ax.set_title(f"{t} (one policy trained on {len(tasks)} tasks)")
+            fig.tight_layout()
+            fig.savefig(out / f"success_{t}.png", dpi=100)
+            plt.close(fig)
     lines += _compute_table(out, results)
     lines += _rollout_table(out, results)
     path = out / "RESULTS.md"
@@ -515,12 +535,64 @@ def _plot(plt, results: list[dict], sft_hist: list[dict]):
             linewidth=2,
             label=f"{name} (mean of {len(runs)} seed{'s' if len(runs) > 1 else ''})",
         )
-    ax.set_xlabel("training episodes")
-    ax.set_ylabel("held-out success rate (200 episodes per point)")
+    n = (sft_hist or results[0]["history"])[-1]["n"] if (sft_hist or results) else 0
+    ax.set_xlabel("training episodes (all tasks)")
+    ax.set_ylabel(f"held-out success rate ({n} episodes per point)")
     ax.set_ylim(0, min(1.0, top + 0.2))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig, ax
+
+
+def _task_view(results: list[dict], sft_hist: list[dict], task: str) -> tuple[list[dict], list[dict]]:
+    """The runs and the SFT history with every evaluation's success rate (and episode count) those of `task`
+    (a multi-task run logs each task's rate in `tasks`, on eval.eval_episodes episodes)."""
+
+    def view(h: dict) -> dict:
+        return {**h, "success_rate": h["tasks"][task], "n": h["n"] // len(h["tasks"])}
+
+    runs = [{**r, "history": [view(h) for h in r["history"]]} for r in results]
+    return runs, [view(h) for h in sft_hist]
+
+
+def _task_table(results: list[dict], sft_hist: list[dict], tasks: list[str]) -> list[str]:
+    """Per task and arm of a multi-task run: the SFT start, the seeds' final success, their mean and its change,
+    and RIPT's lead over the arm (bootstrap over seeds), then the mean over tasks."""
+    lines = [
+        "",
+        "Per task (one policy trained on all of them; final evaluation, each task on its own held-out episodes):",
+        "",
+        "| task | SFT % | arm | seeds' final success % | mean % | change vs SFT | RIPT's lead (95% bootstrap over seeds) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    views = {t: _task_view(results, sft_hist, t) for t in tasks}
+    for t in [*tasks, "mean"]:
+        start = (
+            sum(sft_hist[-1]["tasks"].values()) / len(tasks)
+            if t == "mean"
+            else views[t][1][-1]["success_rate"]
+        )
+        finals = {}
+        for name in ARMS:
+            runs = [r for r in results if r["arm"] == name]
+            if runs:
+                finals[name] = [
+                    sum(r["history"][-1]["tasks"].values()) / len(tasks)
+                    if t == "mean"
+                    else r["history"][-1]["tasks"][t]
+                    for r in runs
+                ]
+        for name, rates in finals.items():
+            mean, lead = sum(rates) / len(rates), "-"
+            if name != "ript" and len(finals.get("ript", [])) >= 2 and len(rates) >= 2:
+                d, lo, hi = _seed_difference(finals["ript"], rates)
+                lead = f"{100 * d:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"
+            seeds = " / ".join(f"{100 * x:.1f}" for x in rates)
+            lines.append(
+                f"| {t} | {100 * start:.1f} | {name} | {seeds} | {100 * mean:.1f} | {100 * (mean - start):+.1f} "
+                f"| {lead} |"
+            )
+    return lines
 
 
 def _compute_axes(out: Path, r: dict) -> list[tuple[float, float]]:

@@ -15,6 +15,14 @@ by every rollout `skip_threshold` times in a row is skipped (SkipTracker), and, 
 a state failed by every rollout that many times in a row (its own threshold). An env that raises costs its own
 group; its slot is rebuilt and the fault counted.
 
+Probing (`probe_rollouts=P`, 1 <= P < K, with dynamic sampling): the episode-saving variant. A group first runs
+P of its K rollouts; when none of them succeeds, the group is dropped after P episodes instead of K (its state
+counts as failed for the trackers and the curriculum); otherwise the other K - P rollouts run from the same
+initial state in a later round and the K rollouts form the group as usual. Probes and completions are vector
+envs of P and K - P sub-envs (`make_group_env(num_envs=...)`), and a round holds up to `num_slots` of them.
+A probe whose P rollouts all succeed is completed too (keep_solved and mixed groups need the other K - P).
+The pending completions are run before collection stops, so no probe's episodes are left unused.
+
 Several tasks (`tasks=[CollectTask(...), ...]`): an initial state is a (task, seed) pair, drawn by the seed
 sampler over all of them (`SeedSampler(..., num_tasks=n)`: uniform over tasks and seeds, or the curriculum's
 weights across tasks); `init_hash` keys on the task name, so the skip trackers tell the tasks apart. A slot
@@ -56,7 +64,11 @@ class CollectionStats:
     success_rate: float = 0.0  # over every finished rollout, kept or dropped
     groups_sampled: int = 0
     groups_kept: int = 0
-    groups_dropped: int = 0  # all-equal rewards (no signal)
+    groups_dropped: int = 0  # all-equal rewards (no signal), probes dropped included
+    groups_probe_dropped: int = 0  # probe_rollouts: groups dropped after their P probe rollouts all failed
+    episodes: int = (
+        0  # rollouts started (K a group; with probe_rollouts, P for a group dropped after its probe)
+    )
     groups_faulted: int = 0  # an env raised; the group was discarded and its slot rebuilt
     skipped_states: int = 0  # initial states skipped by the trackers (solved or failed N times in a row)
     env_steps: int = 0
@@ -158,17 +170,20 @@ class SeedSampler:
 @dataclass(frozen=True)
 class CollectTask:
     """One task of a multi-task collector: its name keys `init_hash`, its instruction is each episode's `task`
-    (and each policy row's `obs["task"]`), `make_group_env` builds one vector env of K sub-envs of it."""
+    (and each policy row's `obs["task"]`), `make_group_env()` builds one vector env of K sub-envs of it
+    (`make_group_env(num_envs=n)`: of n, for a collector with `probe_rollouts`)."""
 
     name: str
     instruction: str
-    make_group_env: Callable[[], gym.vector.VectorEnv]
+    make_group_env: Callable[..., gym.vector.VectorEnv]
 
 
 @dataclass
 class _Slot:
     env: gym.vector.VectorEnv
+    size: int = 0  # sub-envs of `env`: K, or with probe_rollouts P (a probe) or K - P (its completion)
     task: int = 0  # index into the collector's tasks: the task of `env`
+    probe: _Probe | None = None  # a completion: the probe it completes
     state: int = -1  # the sampler's state (the seed, for one task)
     seed: int = -1
     init_hash: int = 0
@@ -179,6 +194,33 @@ class _Slot:
     steps: list = field(default_factory=list)
     images: list = field(default_factory=list)
     faulted: bool = False
+
+
+@dataclass
+class _Probe:
+    """The first P rollouts of a group whose other K - P are still to run (probe_rollouts)."""
+
+    task: int
+    state: int
+    seed: int
+    init_hash: int
+    success: np.ndarray  # (P,) bool
+    episodes: list  # P EpisodeRecords
+
+
+@dataclass
+class _Collected:
+    """What one collect() call has gathered so far."""
+
+    kept: list = field(default_factory=list)  # per kept group: its K EpisodeRecords
+    rewards: list = field(default_factory=list)  # per kept group: (K,) float rewards
+    solved: list = field(default_factory=list)  # EpisodeRecords of dropped all-success groups (keep_solved)
+    successes: list = field(default_factory=list)  # every finished rollout's success
+    task_successes: list = field(default_factory=list)  # per task: its finished rollouts' successes
+
+    @property
+    def rollouts_kept(self) -> int:
+        return sum(len(g) for g in self.kept)
 
 
 class GroupedCollector:
@@ -211,10 +253,16 @@ class GroupedCollector:
         record_images: bool = False,
         overlap_inference: bool = False,
         keep_solved: bool = False,
+        probe_rollouts: int = 0,
     ) -> None:
         if group_size < 2:
             raise ValueError(
                 f"rloo_batch_size={group_size} must be >= 2: RLOO needs a leave-one-out baseline."
+            )
+        if probe_rollouts and not (0 < probe_rollouts < group_size and dynamic_sampling):
+            raise ValueError(
+                f"probe_rollouts={probe_rollouts} must be 0 (off) or in [1, rloo_batch_size - 1] = [1, "
+                f"{group_size - 1}], with dynamic sampling on (a probe drops a group without signal early)."
             )
         if num_slots < 1 or max_groups < 1 or goal_rollouts < 1:
             raise ValueError("num_slots, max_groups and goal_rollouts must all be >= 1.")
@@ -246,12 +294,14 @@ class GroupedCollector:
         self.fail_tracker = fail_tracker or SkipTracker(0)  # streaks of all-failure groups
         self.dynamic_sampling = dynamic_sampling
         self.keep_solved = keep_solved
+        self.probe = probe_rollouts
         self.max_episode_steps = max_episode_steps
         self.record_images = record_images
         self._seed_hash: dict[int, int] = {}  # state -> init_hash (initial states are seed-determined)
-        self.slots = [_Slot(env=self._build_env(0)) for _ in range(num_slots)]
-        # several tasks: task index -> vector envs of that task that no slot holds now
-        self._spare_envs: dict[int, list[gym.vector.VectorEnv]] = {}
+        first = self.probe or self.k  # probing: every slot starts with a probe
+        self.slots = [_Slot(env=self._build_env(0, first), size=first) for _ in range(num_slots)]
+        # (task index, sub-envs) -> vector envs of that task and size that no slot holds now
+        self._spare_envs: dict[tuple[int, int], list[gym.vector.VectorEnv]] = {}
         # overlap_inference: half of the slots step while the policy infers the other half's next chunk
         self._executor = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="ript-inference")
@@ -263,13 +313,15 @@ class GroupedCollector:
     def multi_task(self) -> bool:
         return len(self.tasks) > 1
 
-    def _build_env(self, task: int) -> gym.vector.VectorEnv:
-        env = self.tasks[task].make_group_env()
-        if env.num_envs != self.k:
+    def _build_env(self, task: int, size: int) -> gym.vector.VectorEnv:
+        make = self.tasks[task].make_group_env
+        env = make() if size == self.k else make(num_envs=size)
+        if env.num_envs != size:
             env.close()
             raise ValueError(
-                f"make_group_env built a vector env of {env.num_envs} sub-envs; expected rloo_batch_size={self.k}: "
-                "build one sub-env per rollout of a group."
+                f"make_group_env built a vector env of {env.num_envs} sub-envs; expected "
+                + (f"rloo_batch_size={self.k}" if size == self.k else f"{size} (probe_rollouts={self.probe})")
+                + ": build one sub-env per rollout of a group (and take num_envs=n when the collector probes)."
             )
         return env
 
@@ -290,39 +342,85 @@ class GroupedCollector:
 
     # ----- one call: rounds of parallel groups until the goal or the cap -----
     def collect(self) -> CollectionResult:
-        stats, kept, rewards_kept, solved = CollectionStats(), [], [], []
-        successes: list[bool] = []
-        task_successes: list[list[bool]] = [[] for _ in self.tasks]
+        stats, acc = CollectionStats(), _Collected(task_successes=[[] for _ in self.tasks])
+        pending: list[_Probe] = []  # probes with a success, waiting for their completion
         t0 = time.perf_counter()
         while stats.groups_sampled < self.max_groups:
-            n = min(len(self.slots), self.max_groups - stats.groups_sampled)
-            if not self.dynamic_sampling:
-                # every finished group is kept: start only the groups the goal still needs
-                n = min(n, -(-(self.goal - sum(len(g) for g in kept)) // self.k))
-            active = [s for s in self.slots[:n] if self._start_group(s, stats)]
+            # completions first; new groups only while the goal is not reached (and within the cap)
+            completions = pending[: len(self.slots)]
+            pending = pending[len(completions) :]
+            n = 0
+            if acc.rollouts_kept < self.goal:
+                taken = stats.groups_sampled + len(pending) + len(completions)  # decided or on their way
+                n = min(len(self.slots) - len(completions), self.max_groups - taken)
+                if not self.dynamic_sampling:
+                    # every finished group is kept: start only the groups the goal still needs
+                    n = min(n, -(-(self.goal - acc.rollouts_kept) // self.k))
+            if not completions and n <= 0:
+                break
+            active = self.slots[: len(completions) + max(n, 0)]
+            for slot, probe in zip(active, completions + [None] * len(active), strict=False):
+                self._start_slot(slot, stats, probe)
             self._run_round(active, stats)
             for slot in active:
-                stats.groups_sampled += 1
-                if slot.faulted:
-                    stats.groups_faulted += 1
-                    continue
-                rewards = slot.success.astype(np.float32)  # (K,) binary task success
-                successes.extend(slot.success.tolist())
-                task_successes[slot.task].extend(slot.success.tolist())
-                self.seed_sampler.record(slot.state, int(slot.success.sum()), self.k)
-                self.skip_tracker.update(slot.init_hash, bool(slot.success.all()))
-                self.fail_tracker.update(slot.init_hash, not slot.success.any())
-                if self.dynamic_sampling and not group_has_signal(rewards):
-                    stats.groups_dropped += 1
-                    if self.keep_solved and slot.success.all():
-                        solved.extend(self._episodes(slot))
-                    continue
-                stats.groups_kept += 1
-                rewards_kept.append(rewards)
-                kept.append(self._episodes(slot))
-            if sum(len(g) for g in kept) >= self.goal:
+                self._finish_slot(slot, stats, acc, pending)
+            if acc.rollouts_kept >= self.goal and not pending:
                 break
-        stats.rollouts_kept = sum(len(g) for g in kept)
+        return self._result(stats, acc, t0)
+
+    def _finish_slot(
+        self, slot: _Slot, stats: CollectionStats, acc: _Collected, pending: list[_Probe]
+    ) -> None:
+        """A finished slot: a whole group, a probe (dropped, or queued for its completion) or a completion."""
+        if slot.faulted:
+            stats.groups_sampled += 1
+            stats.groups_faulted += 1
+            return
+        acc.successes.extend(slot.success.tolist())
+        acc.task_successes[slot.task].extend(slot.success.tolist())
+        if self.probe and slot.probe is None:  # a probe
+            if slot.success.any():
+                pending.append(
+                    _Probe(
+                        slot.task, slot.state, slot.seed, slot.init_hash, slot.success, self._episodes(slot)
+                    )
+                )
+                return
+            stats.groups_sampled += 1
+            stats.groups_dropped += 1
+            stats.groups_probe_dropped += 1
+            self.seed_sampler.record(slot.state, 0, slot.size)
+            self.skip_tracker.update(slot.init_hash, False)
+            self.fail_tracker.update(slot.init_hash, True)
+            return
+        success, episodes = slot.success, None
+        if slot.probe is not None:  # a completion: the probe's rollouts first
+            success = np.concatenate([slot.probe.success, slot.success])
+            episodes = slot.probe.episodes + self._episodes(slot)
+        self._finish_group(
+            slot.state, slot.init_hash, success, episodes or (lambda: self._episodes(slot)), stats, acc
+        )
+
+    def _finish_group(self, state: int, init_hash: int, success: np.ndarray, episodes, stats, acc) -> None:
+        """The K rollouts of one group (`episodes`: their records, or a callable giving them): trackers,
+        curriculum, and dynamic sampling's keep or drop."""
+        stats.groups_sampled += 1
+        rewards = success.astype(np.float32)  # (K,) binary task success
+        self.seed_sampler.record(state, int(success.sum()), self.k)
+        self.skip_tracker.update(init_hash, bool(success.all()))
+        self.fail_tracker.update(init_hash, not success.any())
+        records = episodes if isinstance(episodes, list) else None
+        if self.dynamic_sampling and not group_has_signal(rewards):
+            stats.groups_dropped += 1
+            if self.keep_solved and success.all():
+                acc.solved.extend(records if records is not None else episodes())
+            return
+        stats.groups_kept += 1
+        acc.rewards.append(rewards)
+        acc.kept.append(records if records is not None else episodes())
+
+    def _result(self, stats: CollectionStats, acc: _Collected, t0: float) -> CollectionResult:
+        stats.rollouts_kept = acc.rollouts_kept
         stats.goal_reached = stats.rollouts_kept >= self.goal
         if not stats.goal_reached:
             logger.warning(
@@ -334,47 +432,59 @@ class GroupedCollector:
                 stats.groups_dropped,
                 stats.groups_faulted,
             )
-        stats.success_rate = float(np.mean(successes)) if successes else 0.0
+        stats.success_rate = float(np.mean(acc.successes)) if acc.successes else 0.0
         if self.multi_task:
             stats.task_success_rate = {
                 t.name: float(np.mean(s)) if s else float("nan")
-                for t, s in zip(self.tasks, task_successes, strict=True)
+                for t, s in zip(self.tasks, acc.task_successes, strict=True)
             }
         stats.wall_time_s = time.perf_counter() - t0
         stats.steps_per_second = stats.env_steps / max(stats.wall_time_s, 1e-9)
-        group_rewards = np.stack(rewards_kept) if rewards_kept else np.zeros((0, self.k), np.float32)
-        episodes = [ep for group in kept for ep in group]
+        group_rewards = np.stack(acc.rewards) if acc.rewards else np.zeros((0, self.k), np.float32)
+        episodes = [ep for group in acc.kept for ep in group]
         if episodes:
             adv = rloo_advantages(torch.from_numpy(group_rewards)).reshape(-1).tolist()  # (G*K,)
             for ep, a in zip(episodes, adv, strict=True):
                 ep.advantage = float(a)
         # solved groups: dropped ones are in `solved` (dynamic sampling), kept ones are in `episodes` (without)
         if self.keep_solved:
-            solved_kept = [ep for g, r in zip(kept, rewards_kept, strict=True) if r.all() for ep in g]
-            for ep in solved + solved_kept:
+            solved_kept = [ep for g, r in zip(acc.kept, acc.rewards, strict=True) if r.all() for ep in g]
+            for ep in acc.solved + solved_kept:
                 ep.advantage = solved_advantage(self.k)
-            stats.solved_rollouts = len(solved) + len(solved_kept)
+            stats.solved_rollouts = len(acc.solved) + len(solved_kept)
         return CollectionResult(
-            episodes=episodes, group_rewards=group_rewards, stats=stats, solved_episodes=solved
+            episodes=episodes, group_rewards=group_rewards, stats=stats, solved_episodes=acc.solved
         )
 
-    def _start_group(self, slot: _Slot, stats: CollectionStats) -> bool:
-        """Reset a slot on a fresh (non-skipped) initial state, K equal seeds. False if the env faulted."""
+    def _draw_state(self, stats: CollectionStats) -> int:
+        """A fresh initial state of the sampler that neither tracker skips (after 100 draws, the last)."""
         for _ in range(100):
             state = self.seed_sampler()
             h = self._hash_for_seed(state)
             if not (self.skip_tracker.should_skip(h) or self.fail_tracker.should_skip(h)):
                 break
             stats.skipped_states += 1
-        task, seed = self.seed_sampler.split(state) if self.multi_task else (0, state)
-        if task != slot.task:
-            self._swap_env(slot, task)
+        return state
+
+    def _start_slot(self, slot: _Slot, stats: CollectionStats, probe: _Probe | None = None) -> None:
+        """Reset a slot on a fresh (non-skipped) initial state, equal seeds: a whole group of K, a probe of P, or
+        (`probe` given) the K - P rollouts completing that probe. An env that faults marks the slot faulted."""
+        if probe is not None:
+            task, state, seed, size = probe.task, probe.state, probe.seed, self.k - self.probe
+        else:
+            state = self._draw_state(stats)
+            task, seed = self.seed_sampler.split(state) if self.multi_task else (0, state)
+            size = self.probe or self.k
+        if (task, size) != (slot.task, slot.size):
+            self._swap_env(slot, task, size)
+        slot.probe = probe
+        stats.episodes += size
         slot.state, slot.seed, slot.steps, slot.images, slot.faulted = state, seed, [], [], False
         try:
-            obs, _ = slot.env.reset(seed=[seed] * self.k)
+            obs, _ = slot.env.reset(seed=[seed] * size)
         except Exception as err:  # noqa: BLE001 - any env error costs this group only; counted and logged
             self._fault(slot, err)
-            return True
+            return
         if self.record_images and "pixels" not in obs:
             raise ValueError(
                 "record_images=True, but the env's observations have no 'pixels' (camera images). Build the "
@@ -382,21 +492,26 @@ class GroupedCollector:
             )
         slot.obs = obs
         slot.init_hash = init_hash_of(self.tasks[task].name, obs["agent_pos"][0])
+        if probe is not None and slot.init_hash != probe.init_hash:
+            raise RuntimeError(
+                f"seed {seed} of task {self.tasks[task].name!r} gave another initial state for the completion of "
+                "its probe: probe_rollouts needs an env whose reset(seed=...) fixes the initial state."
+            )
         self._seed_hash[state] = slot.init_hash
-        slot.done = np.zeros(self.k, dtype=bool)
-        slot.success = np.zeros(self.k, dtype=bool)
-        return True
+        slot.done = np.zeros(size, dtype=bool)
+        slot.success = np.zeros(size, dtype=bool)
 
     def _hash_for_seed(self, state: int) -> int:
         """init_hash of a state seen before (states are seed-determined); -1 for a new one (never skipped)."""
         return self._seed_hash.get(state, -1)
 
-    def _swap_env(self, slot: _Slot, task: int) -> None:
-        """Give the slot a vector env of `task`: a spare one, or a new one (built once, kept for reuse)."""
-        spare = self._spare_envs.get(task)
-        env = spare.pop() if spare else self._build_env(task)
-        self._spare_envs.setdefault(slot.task, []).append(slot.env)
-        slot.env, slot.task = env, task
+    def _swap_env(self, slot: _Slot, task: int, size: int) -> None:
+        """Give the slot a vector env of `task` with `size` sub-envs: a spare one, or a new one (built once, kept
+        for reuse)."""
+        spare = self._spare_envs.get((task, size))
+        env = spare.pop() if spare else self._build_env(task, size)
+        self._spare_envs.setdefault((slot.task, slot.size), []).append(slot.env)
+        slot.env, slot.task, slot.size = env, task, size
 
     def _fault(self, slot: _Slot, err: BaseException) -> None:
         logger.warning(
@@ -407,7 +522,7 @@ class GroupedCollector:
             slot.env.close()
         except Exception:  # noqa: BLE001 - a broken env may fail to close; it is replaced below
             logger.debug("closing a faulted env failed", exc_info=True)
-        slot.env = self._build_env(slot.task)
+        slot.env = self._build_env(slot.task, slot.size)
 
     def _run_round(self, slots: list[_Slot], stats: CollectionStats) -> None:
         live = [s for s in slots if not s.faulted]
@@ -447,11 +562,12 @@ class GroupedCollector:
             sys.setswitchinterval(switch)
 
     def _step_chunk(self, live: list[_Slot], chunk: np.ndarray, stats: CollectionStats) -> None:
-        """Step every live slot through the chunk's actions (chunk rows: slot i owns rows i*K..(i+1)*K)."""
+        """Step every live slot through the chunk's actions (chunk rows: the slots' sub-envs, slot after slot)."""
+        ends = np.cumsum([s.size for s in live])
         for j in range(chunk.shape[1]):
-            for i, slot in enumerate(live):
+            for slot, end in zip(live, ends, strict=True):
                 if not _finished(slot):
-                    stats.env_steps += self._step_slot(slot, chunk[i * self.k : (i + 1) * self.k, j])
+                    stats.env_steps += self._step_slot(slot, chunk[end - slot.size : end, j])
             if all(_finished(s) for s in live):
                 break
 
@@ -466,7 +582,7 @@ class GroupedCollector:
         if self.record_images and "pixels" in slot.obs:
             slot.images.append({c: v.copy() for c, v in slot.obs["pixels"].items()})
         slot.steps.append((state, actions.astype(np.float32), np.asarray(reward, np.float32), alive.copy()))
-        success = np.asarray(info.get("is_success", info.get("success", np.zeros(self.k))), dtype=bool)
+        success = np.asarray(info.get("is_success", info.get("success", np.zeros(slot.size))), dtype=bool)
         slot.success |= success & alive
         slot.done |= np.asarray(terminated, bool) | np.asarray(truncated, bool)
         if len(slot.steps) >= self.max_episode_steps:  # horizon: done now, so no chunk is inferred for it
@@ -478,7 +594,7 @@ class GroupedCollector:
         """The live slots' batched observation; with several tasks also `task`, each row's instruction."""
         obs = _batch_obs(live)
         if self.multi_task:
-            obs["task"] = [self.tasks[s.task].instruction for s in live for _ in range(self.k)]
+            obs["task"] = [self.tasks[s.task].instruction for s in live for _ in range(s.size)]
         return obs
 
     def _episodes(self, slot: _Slot) -> list[EpisodeRecord]:
@@ -487,7 +603,7 @@ class GroupedCollector:
         rewards = np.stack([s[2] for s in slot.steps], axis=1)  # (K, T)
         alive = np.stack([s[3] for s in slot.steps], axis=1)  # (K, T)
         episodes = []
-        for k in range(self.k):
+        for k in range(slot.size):
             n = int(alive[k].sum())  # alive steps form a prefix
             images = None
             if slot.images:

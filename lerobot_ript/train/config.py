@@ -51,6 +51,11 @@ class RolloutConfig:
     # is skipped that many times and then retried. Such groups carry no signal, and at an equal episode
     # budget every rollout spent on a state the policy cannot yet solve is lost to the states that teach.
     fail_skip_threshold: int = 0
+    # Probe each initial state with this many of its K rollouts first (0 = off; 1 to K - 1, with dynamic
+    # sampling): a state whose probe rollouts all fail is dropped after them instead of after K, and the others
+    # run from the same state in a later round (the episode-saving variant of dynamic sampling). K / 2 keeps a
+    # round's sub-env count; the skip trackers and the curriculum count a dropped probe as a failed group.
+    probe_rollouts: int = 0
     # How training initial states are drawn from the pool: "uniform", or "signal" (a curriculum: each state in
     # proportion to the probability that a group of K from it has mixed outcomes, from its discounted history of
     # successes; states always failed or always solved are drawn less, so fewer episodes go to groups that
@@ -253,6 +258,13 @@ class RiptTrainConfig:
             "rollout.rloo_batch_size",
             r.rloo_batch_size,
             "must be >= 2: RLOO needs a leave-one-out baseline",
+        )
+        _require(
+            r.probe_rollouts == 0 or (0 < r.probe_rollouts < r.rloo_batch_size and r.enable_dynamic_sampling),
+            "rollout.probe_rollouts",
+            r.probe_rollouts,
+            f"must be 0 (off) or in [1, rloo_batch_size - 1] = [1, {r.rloo_batch_size - 1}] with "
+            "rollout.enable_dynamic_sampling=true (a probe drops a group without signal early)",
         )
         for name, value in [
             ("rollout.groups_per_round", r.groups_per_round),

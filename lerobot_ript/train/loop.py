@@ -373,8 +373,8 @@ def update_steps(run: Run, result) -> int:
     steps = cfg.optim.update_steps_per_iteration
     if not cfg.optim.scale_updates_with_rounds:
         return steps
-    groups = reduce_metrics({"groups": float(result.stats.groups_sampled)}, run.accelerator)["groups"]
-    return max(1, round(steps * groups / cfg.rollout.groups_per_round))
+    episodes = reduce_metrics({"episodes": float(result.stats.episodes)}, run.accelerator)["episodes"]
+    return max(1, round(steps * episodes / (cfg.rollout.groups_per_round * cfg.rollout.rloo_batch_size)))
 
 
 def updates(
@@ -529,8 +529,8 @@ def make_collector(run: Run, *, record_images: bool = False) -> GroupedCollector
         CollectTask(
             task,
             task_instruction(task),
-            lambda task=task: make_vector_env(
-                cfg.env, r.rloo_batch_size, use_async=r.use_async_envs, task=task
+            lambda task=task, num_envs=r.rloo_batch_size: make_vector_env(
+                cfg.env, num_envs, use_async=r.use_async_envs, task=task
             ),
         )
         for task in cfg.env.tasks
@@ -539,7 +539,12 @@ def make_collector(run: Run, *, record_images: bool = False) -> GroupedCollector
         policy=None,
         tasks=tasks,
         group_size=r.rloo_batch_size,
-        num_slots=r.groups_per_round,
+        # probing: slots of P or K - P sub-envs, as many as keep a round's sub-envs at groups_per_round x K
+        num_slots=r.groups_per_round
+        * r.rloo_batch_size
+        // max(r.probe_rollouts, r.rloo_batch_size - r.probe_rollouts)
+        if r.probe_rollouts
+        else r.groups_per_round,
         goal_rollouts=max(1, -(-r.rollout_goal_per_step // world)),
         max_groups=r.max_groups_per_step,
         seed_sampler=SeedSampler(
@@ -551,6 +556,7 @@ def make_collector(run: Run, *, record_images: bool = False) -> GroupedCollector
         max_episode_steps=cfg.env.episode_length,
         overlap_inference=r.overlap_inference,
         keep_solved=r.keep_solved_groups,
+        probe_rollouts=r.probe_rollouts,
         record_images=record_images,
     )
     collector._seed_hash.update({int(k): v for k, v in run.state.seed_hash.items()})
@@ -598,7 +604,7 @@ def train(cfg: RiptTrainConfig, accelerator: Accelerator) -> Run:
             local = {**result.stats.as_dict(), **adv_stats, **train_metrics, **timings}
             del result, episodes, rollouts  # their camera frames go before the next collection
             metrics = reduce_metrics(_complete(local), accelerator)  # 5. log
-            run.state.episodes_seen += int(metrics["rollout/groups_sampled"] * cfg.rollout.rloo_batch_size)
+            run.state.episodes_seen += int(metrics["rollout/episodes"])  # every rollout run, probes included
             run.state.iteration = it
             if cfg.eval.eval_interval and it % cfg.eval.eval_interval == 0 and it != cfg.num_train_steps:
                 metrics.update(run_eval(run, it))  # 6. eval

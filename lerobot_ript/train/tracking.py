@@ -23,6 +23,8 @@ _SUM_SUFFIXES = (
     "groups_faulted",
     "skipped_states",
     "rollouts_kept",
+    "groups_probe_dropped",
+    "rollout/episodes",
 )
 
 

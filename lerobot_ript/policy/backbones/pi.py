@@ -7,7 +7,8 @@ Gemma action expert denoises the action chunk (the suffix), and the optimality l
 - pi0: the flow time enters through the action-time MLP, and its expert norms are plain RMSNorms. The label is
   added inside the action-time MLP (zero-initialised), and every expert norm (and the final one) becomes a
   `LabelRMSNorm`: the checkpoint's norm (same `.weight`, so checkpoint keys are unchanged) followed by a
-  scale and shift from the label, all norms' from one zero-initialised layer (`StackedLabelFilm`).
+  scale and shift from the label; the MLP's label term and all norms' modulations come from ONE
+  zero-initialised weight (`StackedLabelFilm`).
 
 Training runs the prefix and suffix in one pass, as LeRobot's `forward` does (gradient checkpointing applies);
 sampling encodes the prefix once into a KV cache that every Euler step and both guidance branches reuse. The
@@ -203,9 +204,8 @@ class Pi0Backbone(TimeLabelCondition, PaliGemmaBackbone):
         super().__init__(config)
         w = self.width
         self.label_embedding = nn.Embedding(3, w)
-        self.label_to_action_time = zero_linear(w, w)
         expert = self.model.paligemma_with_expert.gemma_expert.model
-        self.label_film = label_expert_norms(expert, _label_rms_norm_class(), w)
+        self.label_film = label_expert_norms(expert, _label_rms_norm_class(), w, extra=w)
 
     def time_condition(self, t: Tensor) -> Tensor:
         return self._time_part(self._sincos(t))
@@ -218,7 +218,7 @@ class Pi0Backbone(TimeLabelCondition, PaliGemmaBackbone):
         if m.state_proj.weight.dtype == torch.float32:
             state = state.to(torch.float32)
         state_emb = m.state_proj(state)[:, None, :]  # (B, 1, width)
-        action_time_emb, label = self._action_time(m, noisy_actions, cond)
+        action_time_emb, mods = self._action_time(m, noisy_actions, cond)
         embs = torch.cat([state_emb, action_time_emb], dim=1)
         pad, att = self._action_att_masks(embs.shape[0], [1], embs.dtype, embs.device)
-        return embs, pad, att, self.label_film(label)  # every expert norm's (1 + scale, shift)
+        return embs, pad, att, mods  # every expert norm's (1 + scale, shift)

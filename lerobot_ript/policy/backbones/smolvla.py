@@ -5,8 +5,8 @@ The flow time enters through the action-time MLP, as in pi0. SmolVLA's expert no
 `SmolVLMWithExpertModel.forward` calls them with the hidden states only), so every expert norm (both per layer
 and the final one) becomes a `LabelNorm`: the checkpoint's RMSNorm (its `.weight` kept under the same name)
 followed by a scale and shift from the label (all norms' from one zero-initialised layer, `StackedLabelFilm`),
-which the backbone places in a `LabelSlot` shared by those norms for the duration of one expert pass. The label is also added inside the action-time MLP
-(zero-initialised). Nothing changes at start.
+which the backbone places in a `LabelSlot` shared by those norms for the duration of one expert pass. The label is
+also added inside the action-time MLP, its term from the same zero-initialised weight. Nothing changes at start.
 
 The expert passes follow `VLAFlowMatching.forward` / `sample_actions` / `denoise_step` of LeRobot 0.6.1, with
 the condition passed in; `test_wrapped_smolvla_matches_lerobot_at_start` holds them to LeRobot's sampler.
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from lerobot_ript.policy.backbones.vla import (
+    LabelMods,
     PrefixCache,
     PrefixInputs,
     TimeLabelCondition,
@@ -29,7 +30,6 @@ from lerobot_ript.policy.backbones.vla import (
     label_modulate,
     language_inputs,
     repeat_prefix,
-    zero_linear,
 )
 
 
@@ -75,10 +75,9 @@ class SmolVLABackbone(TimeLabelCondition, VLABackbone):
         vwe = self.model.vlm_with_expert
         self.width = w = int(vwe.expert_hidden_size)
         self.label_embedding = nn.Embedding(3, w)
-        self.label_to_action_time = zero_linear(w, w)
         self._slot = LabelSlot()
         self.label_film = label_expert_norms(
-            vwe.lm_expert, lambda norm, index: LabelNorm(norm, index, self._slot), w
+            vwe.lm_expert, lambda norm, index: LabelNorm(norm, index, self._slot), w, extra=w
         )
 
     def time_condition(self, t: Tensor) -> Tensor:
@@ -113,11 +112,11 @@ class SmolVLABackbone(TimeLabelCondition, VLABackbone):
         from lerobot.policies.common.vla_utils import make_att_2d_masks
 
         m = self.model
-        suffix_embs, label = self._action_time(m, noisy_actions, cond)
+        suffix_embs, mods = self._action_time(m, noisy_actions, cond)
         b, n = suffix_embs.shape[:2]
         suffix_pad = torch.ones(b, n, dtype=torch.bool, device=suffix_embs.device)
         suffix_att = torch.ones(b, n, dtype=suffix_embs.dtype, device=suffix_embs.device)  # [1] * chunk_size
-        with self._label(label):
+        with self._label(mods):
             if isinstance(context, PrefixCache):
                 out = self._cached_pass(context, suffix_embs, suffix_pad, suffix_att)
             else:
@@ -154,8 +153,8 @@ class SmolVLABackbone(TimeLabelCondition, VLABackbone):
         return outputs[1]
 
     @contextlib.contextmanager
-    def _label(self, label: Tensor) -> Iterator[None]:
-        self._slot.mods = self.label_film(label)  # every expert norm's (1 + scale, shift)
+    def _label(self, mods: LabelMods) -> Iterator[None]:
+        self._slot.mods = mods  # every expert norm's (1 + scale, shift)
         try:
             yield
         finally:

@@ -253,10 +253,11 @@ def _num_params(module: nn.Module) -> int:
 
 
 def zero_linear(in_features: int, out_features: int) -> nn.Linear:
-    """A Linear layer initialised to zero (the label path: no effect on the wrapped model at start)."""
-    layer = nn.Linear(in_features, out_features)
+    """A Linear layer initialised to zero, without bias (the label path: no effect on the wrapped model at start;
+    its input is a label embedding, which already gives each of the three labels its own output, so a bias would
+    add nothing but one more tensor to every optimizer step)."""
+    layer = nn.Linear(in_features, out_features, bias=False)
     nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
     return layer
 
 
@@ -300,18 +301,22 @@ class LabelMods(NamedTuple):
 
 
 class StackedLabelFilm(nn.Module):
-    """The label modulation of every norm of an action expert from ONE zero-initialised layer: label condition
-    (B, cond) -> `LabelMods`. One matmul and one parameter pair per expert pass instead of a small layer per
-    norm (`benchmarks/vla_overhead.py`: the per-norm layers made SmolVLA's update 1.12x LeRobot's on a CPU)."""
+    """The label's whole path into an action expert from ONE zero-initialised weight: label condition (B, cond) ->
+    (a term of width `extra` for the action-time MLP, `LabelMods` of every norm). One matmul and one parameter
+    per expert pass instead of a small layer per norm and one for the MLP (`benchmarks/vla_overhead.py`: on a
+    CPU with tiny models every extra tensor costs its optimizer ops; the separate layers made SmolVLA's update
+    1.12x LeRobot's)."""
 
-    def __init__(self, cond_dim: int, num_norms: int, dim: int) -> None:
+    def __init__(self, cond_dim: int, num_norms: int, dim: int, extra: int = 0) -> None:
         super().__init__()
-        self.num_norms, self.dim = num_norms, dim
-        self.proj = zero_linear(cond_dim, num_norms * 2 * dim)
+        self.num_norms, self.dim, self.extra = num_norms, dim, extra
+        self.proj = zero_linear(cond_dim, extra + num_norms * 2 * dim)
 
-    def forward(self, label: Tensor) -> LabelMods:
-        scale, shift = self.proj(label).view(-1, 2, self.num_norms, 1, self.dim).unbind(1)  # (B, n, 1, dim)
-        return LabelMods((scale + 1.0).unbind(1), shift.unbind(1))
+    def forward(self, label: Tensor) -> tuple[Tensor, LabelMods]:
+        out = self.proj(label)
+        term, mods = out[:, : self.extra], out[:, self.extra :]
+        scale, shift = mods.view(-1, 2, self.num_norms, 1, self.dim).unbind(1)  # (B, n, 1, dim)
+        return term, LabelMods((scale + 1.0).unbind(1), shift.unbind(1))
 
 
 def label_modulate(out: Tensor, mods: LabelMods, index: int) -> Tensor:
@@ -332,21 +337,22 @@ def language_inputs(batch: dict[str, Tensor], backbone: str) -> tuple[Tensor, Te
     return batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK]
 
 
-def label_expert_norms(expert: nn.Module, make_norm, cond_dim: int) -> StackedLabelFilm:
+def label_expert_norms(expert: nn.Module, make_norm, cond_dim: int, extra: int = 0) -> StackedLabelFilm:
     """Replace every norm of `expert` (each layer's input and post-attention norm, then the final one) by
-    `make_norm(norm, index)`, indices in that order; returns the one layer giving them their modulations from
-    a label condition of `cond_dim`."""
+    `make_norm(norm, index)`, indices in that order; returns the one layer giving them their modulations (and a
+    term of width `extra` for the action-time MLP) from a label condition of `cond_dim`."""
     for i, layer in enumerate(expert.layers):
         layer.input_layernorm = make_norm(layer.input_layernorm, 2 * i)
         layer.post_attention_layernorm = make_norm(layer.post_attention_layernorm, 2 * i + 1)
     expert.norm = make_norm(expert.norm, 2 * len(expert.layers))
-    return StackedLabelFilm(cond_dim, 2 * len(expert.layers) + 1, int(expert.norm.weight.shape[0]))
+    return StackedLabelFilm(cond_dim, 2 * len(expert.layers) + 1, int(expert.norm.weight.shape[0]), extra)
 
 
 class TimeLabelCondition:
     """pi0's and SmolVLA's condition layout, [time embedding | label embedding] (N, 2 width): the two parts are
-    summed by the policy and split again by the backbone; the label is added inside the action-time MLP through
-    a zero-initialised layer. Mixed into a backbone that sets `label_embedding`, `label_to_action_time`, `width`."""
+    summed by the policy and split again by the backbone; the label is added inside the action-time MLP by the
+    zero-initialised `label_film`, which also gives every expert norm its modulation. Mixed into a backbone that
+    sets `label_embedding`, `label_film` (`label_expert_norms(..., extra=width)`) and `width`."""
 
     def _time_part(self, emb: Tensor) -> Tensor:
         return torch.cat([emb, torch.zeros_like(emb)], dim=-1)  # (N, 2 width): [time | 0]
@@ -355,14 +361,15 @@ class TimeLabelCondition:
         emb = self.label_embedding(labels)
         return torch.cat([torch.zeros_like(emb), emb], dim=-1)  # (N, 2 width): [0 | label]
 
-    def _action_time(self, model, noisy_actions: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
-        """(the action-time MLP's tokens (B, T, width), the label part (B, width)) of the condition, as LeRobot's
-        `embed_suffix` computes the tokens, plus the label term."""
+    def _action_time(self, model, noisy_actions: Tensor, cond: Tensor) -> tuple[Tensor, LabelMods]:
+        """(the action-time MLP's tokens (B, T, width), every expert norm's label modulation) from the condition:
+        the tokens as LeRobot's `embed_suffix` computes them, plus the label term."""
         time_emb, label = cond[:, : self.width], cond[:, self.width :]
+        term, mods = self.label_film(label)  # (B, width), the norms' (1 + scale, shift)
         action_emb = model.action_in_proj(noisy_actions)  # (B, T, width)
         x = torch.cat([action_emb, time_emb.to(action_emb.dtype)[:, None, :].expand_as(action_emb)], dim=2)
-        x = model.action_time_mlp_in(x) + self.label_to_action_time(label)[:, None, :]
-        return model.action_time_mlp_out(F.silu(x)), label
+        x = model.action_time_mlp_in(x) + term[:, None, :]
+        return model.action_time_mlp_out(F.silu(x)), mods
 
 
 def repeat_cache(cache, repeats: int):
