@@ -88,11 +88,15 @@ def one_torch_thread():
 
 @pytest.fixture
 def fresh_accelerate_state():
-    """Accelerate's process-wide state reset before and after a test that builds an Accelerator in process."""
+    """Accelerate's process-wide state reset before and after a test that builds an Accelerator in process
+    (a test building several calls `reset_accelerate_state()` between them)."""
+    reset_accelerate_state()
+    yield
+    reset_accelerate_state()
+
+
+def reset_accelerate_state() -> None:
     from accelerate.state import AcceleratorState, GradientState
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()

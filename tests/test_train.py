@@ -1295,3 +1295,64 @@ def test_loop_trains_one_policy_on_two_tasks(fresh_accelerate_state, tmp_path, m
     reloaded = get_policy_class("ript").from_pretrained(saved)  # strict: the embedding must be in the file
     embedding = run.model.backbone.task_embedding.detach()
     assert torch.equal(reloaded.backbone.task_embedding, embedding) and embedding.abs().sum() > 0
+
+
+def test_a_multi_task_run_resumes_exactly_and_lerobot_eval_scores_each_task(
+    fresh_accelerate_state, tmp_path, monkeypatch
+):
+    """Two tasks: a run stopped after iteration 1 and resumed to 2 ends with the weights and optimizer state of
+    an uninterrupted 2-iteration run (the task embedding, the curriculum over (task, seed) states and the
+    state -> init_hash table come back from the checkpoint); `lerobot-eval` on its checkpoint with the same
+    two-task env scores each task under its instruction."""
+    from conftest import reset_accelerate_state
+
+    from lerobot_ript.train.cli import parse_config
+
+    def config(out: Path, *extra: str):
+        args = ["--config_path", str(DEBUG_YAML), f"--output_dir={out}", *TINY, "--seed=1"]
+        args += ["--env.task=push-v3,reach-v3", "--rollout.groups_per_round=2", "--rollout.max_groups_per_step=2"]
+        args += ["--advantage.estimator=success", "--data.good_share=0.5", "--data.bad_share=0.5", *extra]
+        return parse_config(args)
+
+    uninterrupted, resumed = tmp_path / "a", tmp_path / "b"
+    train_in_process(config(uninterrupted, "--num_train_steps=2"))
+    reset_accelerate_state()
+    train_in_process(config(resumed, "--num_train_steps=1"))
+    reset_accelerate_state()
+    run = train_in_process(config(resumed, "--num_train_steps=2", "--resume=true"))
+    assert run.state.iteration == 2 and run.model.config.task_names == ["push-v3", "reach-v3"]
+    assert_same_tensors(
+        load_file(ckpt(resumed, "000002") / "model.safetensors"),
+        load_file(ckpt(uninterrupted, "000002") / "model.safetensors"),
+    )
+    assert_same_tensors(
+        torch.load(resumed / "checkpoints/000002/training_state/optimizer.bin")["state"][0],
+        torch.load(uninterrupted / "checkpoints/000002/training_state/optimizer.bin")["state"][0],
+    )
+    states = [
+        json.loads((out / "checkpoints/000002/training_state/ript_state_0.json").read_text())
+        for out in (resumed, uninterrupted)
+    ]
+    for key in ("curriculum", "seed_hash", "episodes_seen"):
+        assert states[0][key] == states[1][key], key
+
+    eval_out = tmp_path / "eval"
+    cmd = [
+        str(Path(sys.executable).parent / "lerobot-eval"),
+        f"--policy.path={ckpt(resumed, 'last')}",
+        "--env.type=metaworld_state",
+        "--env.task=push-v3,reach-v3",
+        "--env.episode_length=20",
+        "--eval.n_episodes=2",
+        "--eval.batch_size=2",
+        "--eval.use_async_envs=false",
+        "--policy.device=cpu",
+        f"--output_dir={eval_out}",
+    ]
+    run_ok(cmd, subprocess_env(tmp_path), tmp_path / "eval.log")
+    info = json.loads((eval_out / "eval_info.json").read_text())
+    assert info["overall"]["n_episodes"] == 4
+    # one entry per task (LeRobot's task ids follow env.task); the policy refuses a row without a task string
+    # of its task_names, so each task's episodes ran under its own instruction
+    assert sorted(e["task_id"] for e in info["per_task"]) == [0, 1]
+    assert all(len(e["metrics"]["successes"]) == 2 for e in info["per_task"])
