@@ -21,8 +21,9 @@ few scripted demos; its weights are untrained, which does not change its cost.
   collector's own cost on top of the env; and `ours_inference_share`: the share of our wall time spent inside
   the batched policy call.
 
-Repeats are interleaved (each repeat runs every variant once, in a rotated order) and medians reported. Targets:
-ours >= 1.5x LeRobot and >= 0.8x random.
+Repeats are interleaved (each repeat runs every variant once, in a rotated order) and medians reported. Target:
+ours >= 0.95x random (re-set from 0.8x; the earlier ours >= 1.5x LeRobot is still printed: LeRobot's loop itself
+runs at about 0.9x random at 64 envs, so 1.5x of it is above the ceiling).
 
     python benchmarks/rollout_throughput.py --task push-v3 --num-envs 8 --episode-length 150 --repeats 3 \\
         --output benchmarks/results/rollout_throughput.json
@@ -65,7 +66,7 @@ import torch
 logger = logging.getLogger("rollout_throughput")
 
 TARGET_VS_LEROBOT = 1.5
-TARGET_VS_RANDOM = 0.8
+TARGET_VS_RANDOM = 0.95
 TARGET_MULTI_VS_PER_TASK = 0.95
 
 

@@ -185,3 +185,16 @@ def test_quick_smoke_of_one_policy_on_two_tasks_with_the_probe_arm(tmp_path):
         assert any(ln.startswith(f"| {task} | ") and "| ript_probe |" in ln for ln in text.splitlines()), task
     for task in ("push-v3", "reach-v3"):
         assert (tmp_path / f"success_{task}.png").stat().st_size > 1000
+
+    # `extend`: the finished run goes on to a larger budget in another --out, resumed from its last checkpoint
+    ext = tmp_path / "ext"
+    cmd = [sys.executable, str(SCRIPT), "extend", "--quick", "--from", str(tmp_path), "--out", str(ext)]
+    cmd += ["--arms", "ript_probe", "--seeds", "0", "--task", "push-v3,reach-v3", "--episode-length", "25"]
+    cmd += ["--set", "rollout.max_train_episodes=12"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    before = json.loads((tmp_path / "ript_probe_seed0" / "result.json").read_text())
+    after = json.loads((ext / "ript_probe_seed0" / "result.json").read_text())
+    assert after["history"][: len(before["history"])] == before["history"]  # the same run, gone on
+    assert after["history"][-1]["episodes"] >= 12 > before["history"][-1]["episodes"]
+    assert after["wall_time_s"] > before["wall_time_s"] and (ext / "sft").is_symlink()

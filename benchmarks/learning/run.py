@@ -10,6 +10,8 @@
     python benchmarks/learning/run.py all [--quick] [--seeds 0 1 2] [--arms ript bc ...] [--jobs 2]
     python benchmarks/learning/run.py all --arms ript filtered --seeds 0 --out benchmarks/learning/runs_3840 \
         --set rollout.max_train_episodes=3840 eval.eval_interval=10   # a larger budget (link runs/sft there)
+    python benchmarks/learning/run.py extend --from benchmarks/learning/runs --out benchmarks/learning/runs_2560 \
+        --arms ript --seeds 0 --set rollout.max_train_episodes=2560   # finished runs go on to a larger budget
     python benchmarks/learning/run.py all --task drawer-open-v3 --num-demos 10 --demo-noise 0.5 \
         --episode-length 200 --arms ript filtered --out benchmarks/learning/runs_drawer   # another task
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -209,6 +212,41 @@ def arm(
     run_dir = out / f"{name}_seed{seed}"
     if (run_dir / "result.json").exists():
         return run_dir
+    wall = _train(
+        _arm_args(sft_dir, run_dir, name, seed, quick, extra, task_args), out / f"{name}_seed{seed}.log"
+    )
+    _write_result(run_dir, name, seed, wall)
+    return run_dir
+
+
+def extend(
+    src: Path,
+    out: Path,
+    name: str,
+    seed: int,
+    quick: bool,
+    extra: tuple[str, ...],
+    task_args: tuple[str, ...],
+) -> Path:
+    """A finished run of `src` continued in `out` under `extra` (a larger rollout.max_train_episodes): copied,
+    then resumed from its last checkpoint (`--resume=true`, exact: the run goes on as one run with the larger
+    budget would), its history and wall time kept. `out/sft` links to `src/sft`."""
+    run_dir, source = out / f"{name}_seed{seed}", src / f"{name}_seed{seed}"
+    if (run_dir / "result.json").exists():
+        return run_dir
+    before = json.loads((source / "result.json").read_text())
+    if not (out / "sft").exists():
+        (out / "sft").symlink_to((src / "sft").resolve())
+    if not run_dir.exists():
+        shutil.copytree(source, run_dir, symlinks=True)  # checkpoints/last is a relative link
+        (run_dir / "result.json").unlink()
+    args = _arm_args(out / "sft", run_dir, name, seed, quick, extra, task_args) + ["--resume=true"]
+    wall = _train(args, out / f"{name}_seed{seed}.log")
+    _write_result(run_dir, name, seed, before["wall_time_s"] + wall, extended_from=str(source))
+    return run_dir
+
+
+def _arm_args(sft_dir: Path, run_dir: Path, name: str, seed: int, quick: bool, extra, task_args) -> list[str]:
     _, overrides = ARMS[name]
     if quick:
         overrides = [QUICK_ARM_FIXES.get(o, o) for o in overrides]
@@ -220,17 +258,15 @@ def arm(
         "--data.dataset_id=local/demos",
         f"--data.dataset_root={sft_dir / 'demos'}",
     ]
-    wall = _train(
-        args + (QUICK if quick else []) + list(task_args) + overrides + list(extra),
-        out / f"{name}_seed{seed}.log",
-    )
+    return args + (QUICK if quick else []) + list(task_args) + overrides + list(extra)
+
+
+def _write_result(run_dir: Path, name: str, seed: int, wall: float, **more) -> None:
     history = json.loads(
         sorted((run_dir / "checkpoints").glob("0*/training_state/ript_state_0.json"))[-1].read_text()
     )["history"]
-    (run_dir / "result.json").write_text(
-        json.dumps({"arm": name, "seed": seed, "wall_time_s": wall, "history": history}, indent=1)
-    )
-    return run_dir
+    result = {"arm": name, "seed": seed, "wall_time_s": wall, "history": history, **more}
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
 
 
 def _load_run(run_dir: Path):
@@ -754,7 +790,9 @@ def _summary(results: list[dict], sft_hist: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["sft", "arm", "report", "all", "guidance", "regions", "branches"])
+    p.add_argument(
+        "command", choices=["sft", "arm", "report", "all", "extend", "guidance", "regions", "branches"]
+    )
     p.add_argument("--arm", choices=sorted(ARMS), default="ript")
     p.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=MAIN_ARMS)
     p.add_argument("--seed", type=int, default=0)
@@ -780,6 +818,13 @@ def main(argv: list[str] | None = None) -> int:
         "--demo-noise", type=float, help="sft / arm / all: the demos' action noise std (default 0.3)"
     )
     p.add_argument("--episode-length", type=int, help="sft / arm / all: the episode horizon (default 150)")
+    p.add_argument(
+        "--from",
+        dest="src",
+        type=Path,
+        help="extend: the --out whose finished runs (--arms x --seeds) go on in --out under --set (e.g. a larger "
+        "rollout.max_train_episodes), resumed from their last checkpoints",
+    )
     p.add_argument("--run", type=Path, help="guidance / regions: the finished run directory to evaluate")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0], help="guidance: scales w")
     p.add_argument(
@@ -812,6 +857,14 @@ def main(argv: list[str] | None = None) -> int:
         sft(a.out, a.quick, task_args)
     elif a.command == "arm":
         arm(a.out, a.arm, a.seed, a.quick, extra, task_args)
+    elif a.command == "extend":
+        if a.src is None or a.src.resolve() == a.out.resolve():
+            p.error("extend needs --from <an --out with finished runs>, other than --out")
+        runs = [(name, seed) for seed in a.seeds for name in a.arms]
+        with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+            jobs = [pool.submit(extend, a.src, a.out, n, s, a.quick, extra, task_args) for n, s in runs]
+            for future in jobs:
+                future.result()
     elif a.command == "all":
         sft(a.out, a.quick, task_args)
         runs = [(name, seed) for seed in a.seeds for name in a.arms]
