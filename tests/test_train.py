@@ -1310,7 +1310,11 @@ def test_a_multi_task_run_resumes_exactly_and_lerobot_eval_scores_each_task(
 
     def config(out: Path, *extra: str):
         args = ["--config_path", str(DEBUG_YAML), f"--output_dir={out}", *TINY, "--seed=1"]
-        args += ["--env.task=push-v3,reach-v3", "--rollout.groups_per_round=2", "--rollout.max_groups_per_step=2"]
+        args += [
+            "--env.task=push-v3,reach-v3",
+            "--rollout.groups_per_round=2",
+            "--rollout.max_groups_per_step=2",
+        ]
         args += ["--advantage.estimator=success", "--data.good_share=0.5", "--data.bad_share=0.5", *extra]
         return parse_config(args)
 
