@@ -514,23 +514,6 @@ def test_probe_drops_a_state_after_its_failed_probe_and_completes_the_others(poo
     assert fails.should_skip(init_hash_of(TASK, initial_state(3))) and s.success_rate == pytest.approx(6 / 10)
 
 
-def test_probe_rollouts_must_leave_a_completion_and_need_dynamic_sampling(pool):
-    for probe, dynamic in ((4, True), (2, False)):
-        with pytest.raises(ValueError, match="probe_rollouts"):
-            GroupedCollector(
-                pool.factory(4),
-                None,
-                task=TASK,
-                group_size=4,
-                num_slots=1,
-                goal_rollouts=1,
-                max_groups=1,
-                seed_sampler=SeedSampler(1),
-                dynamic_sampling=dynamic,
-                probe_rollouts=probe,
-            )
-
-
 # -------------------------------------------------------------------------------------------- skipping
 def test_skip_tracker_skips_a_solved_state_then_retries_it(pool, initial_state):
     """threshold=2, the expert solves every state. Seed 3 is solved twice, so the next two draws of seed 3 are
@@ -707,17 +690,25 @@ def test_seed_sampler_range_and_exact_resume():
 
 
 def test_collector_rejects_bad_settings(pool):
-    with pytest.raises(ValueError, match="RLOO"):
-        GroupedCollector(
-            pool.factory(2),
-            None,
-            task=TASK,
-            group_size=1,
-            num_slots=1,
-            goal_rollouts=1,
-            max_groups=1,
-            seed_sampler=SeedSampler(1),
-        )
+    # K = 1; a probe that leaves no rollout to complete it; a probe without dynamic sampling
+    for k, probe, dynamic, match in (
+        (1, 0, True, "RLOO"),
+        (4, 4, True, "probe_rollouts"),
+        (4, 2, False, "probe"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            GroupedCollector(
+                pool.factory(2),
+                None,
+                task=TASK,
+                group_size=k,
+                num_slots=1,
+                goal_rollouts=1,
+                max_groups=1,
+                seed_sampler=SeedSampler(1),
+                dynamic_sampling=dynamic,
+                probe_rollouts=probe,
+            )
     built = []
 
     def wrong_size():

@@ -596,15 +596,15 @@ def test_push_to_a_failing_hub_keeps_the_run_and_logs_the_retry_command(tmp_path
 
 
 # ------------------------------------------------------------------------------------- 3. lerobot-eval
-@pytest.mark.slow  # about 50 s: LeRobot's eval renders a video of every episode
-def test_lerobot_eval_runs_on_a_checkpoint(debug_run, tmp_path):
+def lerobot_eval(policy_path: Path, tmp_path: Path, task: str, episode_length: int) -> dict:
+    """`lerobot-eval` of a checkpoint on metaworld_state, 2 episodes per task; its eval_info.json."""
     eval_out = tmp_path / "eval"
     cmd = [
         str(Path(sys.executable).parent / "lerobot-eval"),
-        f"--policy.path={ckpt(debug_run.out, 'last')}",
+        f"--policy.path={policy_path}",
         "--env.type=metaworld_state",
-        "--env.task=push-v3",
-        "--env.episode_length=30",
+        f"--env.task={task}",
+        f"--env.episode_length={episode_length}",
         "--eval.n_episodes=2",
         "--eval.batch_size=2",
         "--eval.use_async_envs=false",
@@ -612,7 +612,12 @@ def test_lerobot_eval_runs_on_a_checkpoint(debug_run, tmp_path):
         f"--output_dir={eval_out}",
     ]
     run_ok(cmd, subprocess_env(tmp_path), tmp_path / "eval.log")
-    overall = json.loads((eval_out / "eval_info.json").read_text())["overall"]
+    return json.loads((eval_out / "eval_info.json").read_text())
+
+
+@pytest.mark.slow  # about 50 s: LeRobot's eval renders a video of every episode
+def test_lerobot_eval_runs_on_a_checkpoint(debug_run, tmp_path):
+    overall = lerobot_eval(ckpt(debug_run.out, "last"), tmp_path, "push-v3", 30)["overall"]
     assert overall["n_episodes"] == 2 and 0.0 <= overall["pc_success"] <= 100.0
 
 
@@ -1340,21 +1345,7 @@ def test_a_multi_task_run_resumes_exactly_and_lerobot_eval_scores_each_task(
     for key in ("curriculum", "seed_hash", "episodes_seen"):
         assert states[0][key] == states[1][key], key
 
-    eval_out = tmp_path / "eval"
-    cmd = [
-        str(Path(sys.executable).parent / "lerobot-eval"),
-        f"--policy.path={ckpt(resumed, 'last')}",
-        "--env.type=metaworld_state",
-        "--env.task=push-v3,reach-v3",
-        "--env.episode_length=20",
-        "--eval.n_episodes=2",
-        "--eval.batch_size=2",
-        "--eval.use_async_envs=false",
-        "--policy.device=cpu",
-        f"--output_dir={eval_out}",
-    ]
-    run_ok(cmd, subprocess_env(tmp_path), tmp_path / "eval.log")
-    info = json.loads((eval_out / "eval_info.json").read_text())
+    info = lerobot_eval(ckpt(resumed, "last"), tmp_path, "push-v3,reach-v3", 20)
     assert info["overall"]["n_episodes"] == 4
     # one entry per task (LeRobot's task ids follow env.task); the policy refuses a row without a task string
     # of its task_names, so each task's episodes ran under its own instruction
