@@ -156,10 +156,8 @@ class RiptPolicy(PreTrainedPolicy):
         target = noise - actions  # (B, T, A)
 
         objective = self.config.objective
-        metrics: dict[str, float] = {
-            "share_good": float((labels == LABEL_GOOD).float().mean()),
-            "share_bad": float((labels == LABEL_BAD).float().mean()),
-        }
+        counts = torch.bincount(labels, minlength=3).tolist()  # per label, one host read
+        metrics: dict[str, float] = {"share_good": counts[LABEL_GOOD] / b, "share_bad": counts[LABEL_BAD] / b}
         if objective == "cfgrl":
             ctx2 = self.backbone.repeat_context(context, 2)
             labels2 = torch.cat([torch.full_like(labels, LABEL_GOOD), torch.full_like(labels, LABEL_NULL)])
@@ -385,7 +383,7 @@ class RiptPolicy(PreTrainedPolicy):
         """Per-sample MSE (B,) over valid (non-padded) chunk steps and the real action dims (a backbone's
         padded flow dims, as in LeRobot's pi0 / pi05 / SmolVLA losses, are not trained)."""
         a = self.config.action_dim
-        err = ((v[..., :a].float() - target[..., :a].float()) ** 2).mean(dim=-1)  # (B, T)
+        err = F.mse_loss(v[..., :a].float(), target[..., :a].float(), reduction="none").mean(dim=-1)  # (B, T)
         return (err * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
 
     def _images_to_float(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -7,8 +7,8 @@ Gemma action expert denoises the action chunk (the suffix), and the optimality l
 - pi0: the flow time enters through the action-time MLP, and its expert norms are plain RMSNorms. The label is
   added inside the action-time MLP (zero-initialised), and every expert norm (and the final one) becomes a
   `LabelRMSNorm`: the checkpoint's norm (same `.weight`, so checkpoint keys are unchanged) followed by a
-  scale and shift from the label; the MLP's label term and all norms' modulations come from ONE
-  zero-initialised weight (`StackedLabelFilm`).
+  scale and shift from the label; the MLP's label term and all norms' modulations are ONE zero-initialised
+  row per label (`StackedLabelFilm`).
 
 Training runs the prefix and suffix in one pass, as LeRobot's `forward` does (gradient checkpointing applies);
 sampling encodes the prefix once into a KV cache that every Euler step and both guidance branches reuse. The
@@ -197,15 +197,13 @@ def _label_rms_norm_class():
 
 
 class Pi0Backbone(TimeLabelCondition, PaliGemmaBackbone):
-    """pi0: condition = [sincos(t) | label_embedding(label)]; the label enters the action-time MLP and every
-    expert norm (LabelRMSNorm), all through zero-initialised layers."""
+    """pi0: condition = [sincos(t) | label row]; the label enters the action-time MLP and every expert norm
+    (LabelRMSNorm), all from one zero-initialised table."""
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        w = self.width
-        self.label_embedding = nn.Embedding(3, w)
         expert = self.model.paligemma_with_expert.gemma_expert.model
-        self.label_film = label_expert_norms(expert, _label_rms_norm_class(), w, extra=w)
+        self.label_film = label_expert_norms(expert, _label_rms_norm_class(), extra=self.width)
 
     def time_condition(self, t: Tensor) -> Tensor:
         return self._time_part(self._sincos(t))

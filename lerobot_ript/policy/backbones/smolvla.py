@@ -4,9 +4,9 @@ smaller Llama action expert denoises the chunk (the suffix) by self- and cross-a
 The flow time enters through the action-time MLP, as in pi0. SmolVLA's expert norms take no condition (its
 `SmolVLMWithExpertModel.forward` calls them with the hidden states only), so every expert norm (both per layer
 and the final one) becomes a `LabelNorm`: the checkpoint's RMSNorm (its `.weight` kept under the same name)
-followed by a scale and shift from the label (all norms' from one zero-initialised layer, `StackedLabelFilm`),
+followed by a scale and shift from the label (all norms' from one zero-initialised table, `StackedLabelFilm`),
 which the backbone places in a `LabelSlot` shared by those norms for the duration of one expert pass. The label is
-also added inside the action-time MLP, its term from the same zero-initialised weight. Nothing changes at start.
+also added inside the action-time MLP, its term from the same zero-initialised table. Nothing changes at start.
 
 The expert passes follow `VLAFlowMatching.forward` / `sample_actions` / `denoise_step` of LeRobot 0.6.1, with
 the condition passed in; `test_wrapped_smolvla_matches_lerobot_at_start` holds them to LeRobot's sampler.
@@ -62,8 +62,8 @@ class LabelNorm(nn.Module):
 
 
 class SmolVLABackbone(TimeLabelCondition, VLABackbone):
-    """SmolVLA: condition = [sincos(t) | label_embedding(label)]; the label reaches the action-time MLP and
-    every expert norm."""
+    """SmolVLA: condition = [sincos(t) | label row]; the label reaches the action-time MLP and every expert
+    norm."""
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -74,10 +74,9 @@ class SmolVLABackbone(TimeLabelCondition, VLABackbone):
             )
         vwe = self.model.vlm_with_expert
         self.width = w = int(vwe.expert_hidden_size)
-        self.label_embedding = nn.Embedding(3, w)
         self._slot = LabelSlot()
         self.label_film = label_expert_norms(
-            vwe.lm_expert, lambda norm, index: LabelNorm(norm, index, self._slot), w, extra=w
+            vwe.lm_expert, lambda norm, index: LabelNorm(norm, index, self._slot), extra=w
         )
 
     def time_condition(self, t: Tensor) -> Tensor:

@@ -301,27 +301,33 @@ class LabelMods(NamedTuple):
 
 
 class StackedLabelFilm(nn.Module):
-    """The label's whole path into an action expert from ONE zero-initialised weight: label condition (B, cond) ->
-    (a term of width `extra` for the action-time MLP, `LabelMods` of every norm). One matmul and one parameter
-    per expert pass instead of a small layer per norm and one for the MLP (`benchmarks/vla_overhead.py`: on a
-    CPU with tiny models every extra tensor costs its optimizer ops; the separate layers made SmolVLA's update
-    1.12x LeRobot's)."""
+    """The label's whole path into an action expert from ONE zero-initialised table: per label (good / bad / null)
+    a row [a term of width `extra` for the action-time MLP | every norm's scale and shift]. `embed(labels)` gives
+    the rows (N, width), the label part of the condition; `forward(rows)` splits them into (term, `LabelMods`).
+    One parameter and no matmul on the label path (`benchmarks/vla_overhead.py`: on a CPU with tiny models every
+    extra tensor and op shows; a small layer per norm, then an embedding followed by a zero linear layer, made
+    SmolVLA's update 1.12x, then 1.10x, LeRobot's)."""
 
-    def __init__(self, cond_dim: int, num_norms: int, dim: int, extra: int = 0) -> None:
+    def __init__(self, num_norms: int, dim: int, extra: int = 0) -> None:
         super().__init__()
         self.num_norms, self.dim, self.extra = num_norms, dim, extra
-        self.proj = zero_linear(cond_dim, extra + num_norms * 2 * dim)
+        self.width = extra + num_norms * 2 * dim
+        self.table = nn.Embedding(3, self.width)
+        nn.init.zeros_(self.table.weight)
 
-    def forward(self, label: Tensor) -> tuple[Tensor, LabelMods]:
-        out = self.proj(label)
-        term, mods = out[:, : self.extra], out[:, self.extra :]
+    def embed(self, labels: Tensor) -> Tensor:
+        return self.table(labels)  # (N, width), zero at start
+
+    def forward(self, rows: Tensor) -> tuple[Tensor, LabelMods]:
+        term, mods = rows[:, : self.extra], rows[:, self.extra :]
         scale, shift = mods.view(-1, 2, self.num_norms, 1, self.dim).unbind(1)  # (B, n, 1, dim)
         return term, LabelMods((scale + 1.0).unbind(1), shift.unbind(1))
 
 
 def label_modulate(out: Tensor, mods: LabelMods, index: int) -> Tensor:
-    """`out * (1 + scale) + shift` of norm `index`; out (B, T, dim)."""
-    return torch.addcmul(mods.shift[index], out, mods.scale1[index]).to(out.dtype)
+    """`out * (1 + scale) + shift` of norm `index`; out (B, T, dim). (A multiply and an add: fewer dispatched ops
+    over forward and backward than one addcmul, whose backward scales both products by its `value`.)"""
+    return (out * mods.scale1[index] + mods.shift[index]).to(out.dtype)
 
 
 def language_inputs(batch: dict[str, Tensor], backbone: str) -> tuple[Tensor, Tensor]:
@@ -337,29 +343,30 @@ def language_inputs(batch: dict[str, Tensor], backbone: str) -> tuple[Tensor, Te
     return batch[OBS_LANGUAGE_TOKENS], batch[OBS_LANGUAGE_ATTENTION_MASK]
 
 
-def label_expert_norms(expert: nn.Module, make_norm, cond_dim: int, extra: int = 0) -> StackedLabelFilm:
+def label_expert_norms(expert: nn.Module, make_norm, extra: int = 0) -> StackedLabelFilm:
     """Replace every norm of `expert` (each layer's input and post-attention norm, then the final one) by
-    `make_norm(norm, index)`, indices in that order; returns the one layer giving them their modulations (and a
-    term of width `extra` for the action-time MLP) from a label condition of `cond_dim`."""
+    `make_norm(norm, index)`, indices in that order; returns the one table giving them their modulations (and a
+    term of width `extra` for the action-time MLP) per label."""
     for i, layer in enumerate(expert.layers):
         layer.input_layernorm = make_norm(layer.input_layernorm, 2 * i)
         layer.post_attention_layernorm = make_norm(layer.post_attention_layernorm, 2 * i + 1)
     expert.norm = make_norm(expert.norm, 2 * len(expert.layers))
-    return StackedLabelFilm(cond_dim, 2 * len(expert.layers) + 1, int(expert.norm.weight.shape[0]), extra)
+    return StackedLabelFilm(2 * len(expert.layers) + 1, int(expert.norm.weight.shape[0]), extra)
 
 
 class TimeLabelCondition:
-    """pi0's and SmolVLA's condition layout, [time embedding | label embedding] (N, 2 width): the two parts are
-    summed by the policy and split again by the backbone; the label is added inside the action-time MLP by the
-    zero-initialised `label_film`, which also gives every expert norm its modulation. Mixed into a backbone that
-    sets `label_embedding`, `label_film` (`label_expert_norms(..., extra=width)`) and `width`."""
+    """pi0's and SmolVLA's condition layout, [time embedding (width) | label row of `label_film` (its width)]: the
+    two parts are summed by the policy and split again by the backbone; the label row holds the term added inside
+    the action-time MLP and every expert norm's modulation, zero at start. Mixed into a backbone that sets
+    `label_film` (`label_expert_norms(..., extra=width)`) and `width`."""
 
     def _time_part(self, emb: Tensor) -> Tensor:
-        return torch.cat([emb, torch.zeros_like(emb)], dim=-1)  # (N, 2 width): [time | 0]
+        zeros = emb.new_zeros(emb.shape[0], self.label_film.width)
+        return torch.cat([emb, zeros], dim=-1)  # [time | 0]
 
     def label_condition(self, labels: Tensor) -> Tensor:
-        emb = self.label_embedding(labels)
-        return torch.cat([torch.zeros_like(emb), emb], dim=-1)  # (N, 2 width): [0 | label]
+        rows = self.label_film.embed(labels)
+        return torch.cat([rows.new_zeros(rows.shape[0], self.width), rows], dim=-1)  # [0 | label row]
 
     def _action_time(self, model, noisy_actions: Tensor, cond: Tensor) -> tuple[Tensor, LabelMods]:
         """(the action-time MLP's tokens (B, T, width), every expert norm's label modulation) from the condition:
