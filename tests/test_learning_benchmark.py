@@ -162,6 +162,7 @@ def test_quick_smoke_on_another_task_with_its_own_sft_settings(tmp_path):
     assert other.returncode != 0 and "use another --out" in other.stdout + other.stderr
 
 
+@pytest.mark.slow  # about a minute: SFT, an arm and its extension over two tasks (the parts are tested fast elsewhere)
 def test_quick_smoke_of_one_policy_on_two_tasks_with_the_probe_arm(tmp_path):
     """`--task` with two tasks: one SFT and one arm over both (here the episode-saving `ript_probe`, its probe of
     1 of K = 2 under --quick), each task's SFT start, final success and change in RESULTS.md, a plot per task."""
