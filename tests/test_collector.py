@@ -146,8 +146,10 @@ def grouped_collector(pool: EnvPool, policy, *, group_size: int, make_env=None, 
     try:
         yield collector
     finally:
-        for slot in collector.slots:
-            pool.give_back(slot.env)
+        for env in [s.env for s in collector.slots] + [
+            e for envs in collector._spare_envs.values() for e in envs
+        ]:
+            pool.give_back(env)
 
 
 def groups_of(episodes: list, k: int) -> list[list]:
@@ -479,12 +481,11 @@ def test_probe_drops_a_state_after_its_failed_probe_and_completes_the_others(poo
     k, probe = 4, 2
     plan = {goal_key(initial_state(8)): {0}, goal_key(initial_state(6)): {0, 1}}  # row within its slot of 2
     policy, sampler, fails = GroupPolicy(probe, plan, seed=5), SeedList([3, 8, 6]), SkipTracker(1)
-    make = pool.factory(k)
-    collector = GroupedCollector(
-        lambda num_envs=k: make() if num_envs == k else pool.factory(num_envs)(),
+    with grouped_collector(
+        pool,
         policy,
-        task=TASK,
         group_size=k,
+        make_env=lambda num_envs=k: pool.factory(num_envs)(),  # probes and completions: 2 sub-envs each
         num_slots=2,
         goal_rollouts=4,
         max_groups=10,
@@ -493,11 +494,8 @@ def test_probe_drops_a_state_after_its_failed_probe_and_completes_the_others(poo
         keep_solved=True,
         probe_rollouts=probe,
         max_episode_steps=EXPERT_HORIZON,
-    )
-    try:
+    ) as collector:
         result = collector.collect()
-    finally:
-        collector.close()
     assert_consistent(result, k)
     s = result.stats
     assert (s.groups_sampled, s.groups_kept, s.groups_dropped, s.groups_probe_dropped) == (3, 1, 2, 1)

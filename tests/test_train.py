@@ -139,6 +139,24 @@ def spy_on_loop(monkeypatch) -> LoopSpy:
     return spy
 
 
+def debug_config(out: Path, *overrides: str):
+    """`train_cmd(out, *overrides)`'s configuration, parsed in this process (for `train_in_process`)."""
+    from lerobot_ript.train.cli import parse_config
+
+    return parse_config(train_cmd(out, *overrides)[3:])  # without `python -m lerobot_ript.train`
+
+
+# two tasks, a group of each per iteration; every (failed) rollout labelled bad and trained with bad_share
+TWO_TASKS = (
+    "--env.task=push-v3,reach-v3",
+    "--rollout.groups_per_round=2",
+    "--rollout.max_groups_per_step=2",
+    "--advantage.estimator=success",
+    "--data.good_share=0.5",
+    "--data.bad_share=0.5",
+)
+
+
 def train_in_process(cfg):
     """`loop.train` in this process, torch's thread count restored afterwards."""
     import lerobot_ript.train.loop as loop
@@ -1115,26 +1133,19 @@ def test_loop_trains_an_image_policy_on_rendered_demos_and_rollouts(
     call sends the instruction, and the checkpoint is an image policy."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-    from lerobot_ript.train.cli import parse_config
-
     instruction, key = "Push the puck to a goal", "observation.images.corner2"
     out = tmp_path / "out"
-    cfg = parse_config(
-        [
-            "--config_path",
-            str(DEBUG_YAML),
-            f"--output_dir={out}",
-            *TINY,
-            "--num_train_steps=1",
-            "--data.num_demos=2",
-            "--env.obs_type=state_pixels",
-            "--env.image_size=16",
-            "--policy.image_size=[16,16]",
-            "--advantage.estimator=success",  # every rollout fails: labelled bad, so trained with bad_share
-            "--data.good_share=0.5",
-            "--data.bad_share=0.5",
-            "--data.save_rollouts=true",
-        ]
+    cfg = debug_config(
+        out,
+        "--num_train_steps=1",
+        "--data.num_demos=2",
+        "--env.obs_type=state_pixels",
+        "--env.image_size=16",
+        "--policy.image_size=[16,16]",
+        "--advantage.estimator=success",  # every rollout fails: labelled bad, so trained with bad_share
+        "--data.good_share=0.5",
+        "--data.bad_share=0.5",
+        "--data.save_rollouts=true",
     )
     spy = spy_on_loop(monkeypatch)
     run = train_in_process(cfg)
@@ -1241,27 +1252,12 @@ def test_loop_trains_one_policy_on_two_tasks(fresh_accelerate_state, tmp_path, m
     from lerobot.policies.factory import get_policy_class
 
     from lerobot_ript.data.writer import init_hash_of
-    from lerobot_ript.train.cli import parse_config
 
     tasks = ["push-v3", "reach-v3"]
     push, reach = "Push the puck to a goal", "Reach a goal position"
     out = tmp_path / "out"
-    cfg = parse_config(
-        [
-            "--config_path",
-            str(DEBUG_YAML),
-            f"--output_dir={out}",
-            *TINY,
-            "--num_train_steps=1",
-            "--seed=1",
-            f"--env.task={','.join(tasks)}",
-            "--rollout.groups_per_round=2",
-            "--rollout.max_groups_per_step=2",
-            "--rollout.rollout_goal_per_step=4",
-            "--advantage.estimator=success",  # failed rollouts are labelled bad and trained with bad_share
-            "--data.good_share=0.5",
-            "--data.bad_share=0.5",
-        ]
+    cfg = debug_config(
+        out, "--num_train_steps=1", "--seed=1", *TWO_TASKS, "--rollout.rollout_goal_per_step=4"
     )
     spy = spy_on_loop(monkeypatch)
     run = train_in_process(cfg)
@@ -1302,26 +1298,15 @@ def test_loop_trains_one_policy_on_two_tasks(fresh_accelerate_state, tmp_path, m
     assert torch.equal(reloaded.backbone.task_embedding, embedding) and embedding.abs().sum() > 0
 
 
-def test_a_multi_task_run_resumes_exactly_and_lerobot_eval_scores_each_task(
-    fresh_accelerate_state, tmp_path, monkeypatch
-):
+def test_a_multi_task_run_resumes_exactly_and_lerobot_eval_scores_each_task(fresh_accelerate_state, tmp_path):
     """Two tasks: a run stopped after iteration 1 and resumed to 2 ends with the weights and optimizer state of
     an uninterrupted 2-iteration run (the task embedding, the curriculum over (task, seed) states and the
     state -> init_hash table come back from the checkpoint); `lerobot-eval` on its checkpoint with the same
     two-task env scores each task under its instruction."""
     from conftest import reset_accelerate_state
 
-    from lerobot_ript.train.cli import parse_config
-
     def config(out: Path, *extra: str):
-        args = ["--config_path", str(DEBUG_YAML), f"--output_dir={out}", *TINY, "--seed=1"]
-        args += [
-            "--env.task=push-v3,reach-v3",
-            "--rollout.groups_per_round=2",
-            "--rollout.max_groups_per_step=2",
-        ]
-        args += ["--advantage.estimator=success", "--data.good_share=0.5", "--data.bad_share=0.5", *extra]
-        return parse_config(args)
+        return debug_config(out, "--seed=1", *TWO_TASKS, *extra)
 
     uninterrupted, resumed = tmp_path / "a", tmp_path / "b"
     train_in_process(config(uninterrupted, "--num_train_steps=2"))

@@ -601,32 +601,22 @@ def _task_table(results: list[dict], sft_hist: list[dict], tasks: list[str]) -> 
         "| task | SFT % | arm | seeds' final success % | mean % | change vs SFT | RIPT's lead (95% bootstrap over seeds) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    views = {t: _task_view(results, sft_hist, t) for t in tasks}
+
+    def rate(h: dict, t: str) -> float:  # one evaluation's success on task t, or its mean over the tasks
+        return sum(h["tasks"].values()) / len(tasks) if t == "mean" else h["tasks"][t]
+
     for t in [*tasks, "mean"]:
-        start = (
-            sum(sft_hist[-1]["tasks"].values()) / len(tasks)
-            if t == "mean"
-            else views[t][1][-1]["success_rate"]
-        )
+        start = rate(sft_hist[-1], t)
         finals = {}
         for name in ARMS:
             runs = [r for r in results if r["arm"] == name]
             if runs:
-                finals[name] = [
-                    sum(r["history"][-1]["tasks"].values()) / len(tasks)
-                    if t == "mean"
-                    else r["history"][-1]["tasks"][t]
-                    for r in runs
-                ]
+                finals[name] = [rate(r["history"][-1], t) for r in runs]
         for name, rates in finals.items():
-            mean, lead = sum(rates) / len(rates), "-"
-            if name != "ript" and len(finals.get("ript", [])) >= 2 and len(rates) >= 2:
-                d, lo, hi = _seed_difference(finals["ript"], rates)
-                lead = f"{100 * d:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"
-            seeds = " / ".join(f"{100 * x:.1f}" for x in rates)
+            mean, seeds = sum(rates) / len(rates), " / ".join(f"{100 * x:.1f}" for x in rates)
             lines.append(
                 f"| {t} | {100 * start:.1f} | {name} | {seeds} | {100 * mean:.1f} | {100 * (mean - start):+.1f} "
-                f"| {lead} |"
+                f"| {_ript_lead(name, finals.get('ript', []), rates)} |"
             )
     return lines
 
@@ -740,6 +730,15 @@ def _rollout_table(out: Path, results: list[dict]) -> list[str]:
     return lines
 
 
+def _ript_lead(name: str, ript: list[float], rates: list[float]) -> str:
+    """RIPT's lead over arm `name` in points with its bootstrap interval over seeds ("-" for RIPT itself or with
+    fewer than 2 seeds a side)."""
+    if name == "ript" or len(ript) < 2 or len(rates) < 2:
+        return "-"
+    d, lo, hi = _seed_difference(ript, rates)
+    return f"{100 * d:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})"
+
+
 def _seed_difference(a: list[float], b: list[float], draws: int = 20_000) -> tuple[float, float, float]:
     """Mean of `a` minus mean of `b` (one final success rate per seed) and its 95% percentile-bootstrap
     interval, seeds resampled with replacement within each arm: it carries the seed-to-seed spread that the
@@ -777,13 +776,9 @@ def _summary(results: list[dict], sft_hist: list[dict]) -> list[str]:
         lo, hi = wilson_interval(wins, n)
         rates = [h["success_rate"] for h in hist]
         mean = sum(rates) / len(rates)
-        lead = "-"
-        if name != "ript" and len(ript) >= 2 and len(rates) >= 2:
-            d, d_lo, d_hi = _seed_difference(ript, rates)
-            lead = f"{100 * d:+.1f} ({100 * d_lo:+.1f} to {100 * d_hi:+.1f})"
         out.append(
             f"| {name} | {len(hist)} | {100 * mean:.1f} | {100 * lo:.1f}-{100 * hi:.1f} | "
-            f"{100 * (mean - start):+.1f} | {lead} |"
+            f"{100 * (mean - start):+.1f} | {_ript_lead(name, ript, rates)} |"
         )
     return out
 

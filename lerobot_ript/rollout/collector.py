@@ -66,9 +66,8 @@ class CollectionStats:
     groups_kept: int = 0
     groups_dropped: int = 0  # all-equal rewards (no signal), probes dropped included
     groups_probe_dropped: int = 0  # probe_rollouts: groups dropped after their P probe rollouts all failed
-    episodes: int = (
-        0  # rollouts started (K a group; with probe_rollouts, P for a group dropped after its probe)
-    )
+    # rollouts started (K a group; with probe_rollouts, P for a group dropped after its probe)
+    episodes: int = 0
     groups_faulted: int = 0  # an env raised; the group was discarded and its slot rebuilt
     skipped_states: int = 0  # initial states skipped by the trackers (solved or failed N times in a row)
     env_steps: int = 0
@@ -181,7 +180,6 @@ class CollectTask:
 @dataclass
 class _Slot:
     env: gym.vector.VectorEnv
-    size: int = 0  # sub-envs of `env`: K, or with probe_rollouts P (a probe) or K - P (its completion)
     task: int = 0  # index into the collector's tasks: the task of `env`
     probe: _Probe | None = None  # a completion: the probe it completes
     state: int = -1  # the sampler's state (the seed, for one task)
@@ -194,6 +192,11 @@ class _Slot:
     steps: list = field(default_factory=list)
     images: list = field(default_factory=list)
     faulted: bool = False
+
+    @property
+    def size(self) -> int:
+        """Sub-envs of `env`: K, or with probe_rollouts P (a probe) or K - P (its completion)."""
+        return self.env.num_envs
 
 
 @dataclass
@@ -299,7 +302,7 @@ class GroupedCollector:
         self.record_images = record_images
         self._seed_hash: dict[int, int] = {}  # state -> init_hash (initial states are seed-determined)
         first = self.probe or self.k  # probing: every slot starts with a probe
-        self.slots = [_Slot(env=self._build_env(0, first), size=first) for _ in range(num_slots)]
+        self.slots = [_Slot(env=self._build_env(0, first)) for _ in range(num_slots)]
         # (task index, sub-envs) -> vector envs of that task and size that no slot holds now
         self._spare_envs: dict[tuple[int, int], list[gym.vector.VectorEnv]] = {}
         # overlap_inference: half of the slots step while the policy infers the other half's next chunk
@@ -378,46 +381,39 @@ class GroupedCollector:
             return
         acc.successes.extend(slot.success.tolist())
         acc.task_successes[slot.task].extend(slot.success.tolist())
+        success, first = slot.success, []
         if self.probe and slot.probe is None:  # a probe
             if slot.success.any():
+                episodes = self._episodes(slot)
                 pending.append(
-                    _Probe(
-                        slot.task, slot.state, slot.seed, slot.init_hash, slot.success, self._episodes(slot)
-                    )
+                    _Probe(slot.task, slot.state, slot.seed, slot.init_hash, slot.success, episodes)
                 )
                 return
-            stats.groups_sampled += 1
-            stats.groups_dropped += 1
-            stats.groups_probe_dropped += 1
-            self.seed_sampler.record(slot.state, 0, slot.size)
-            self.skip_tracker.update(slot.init_hash, False)
-            self.fail_tracker.update(slot.init_hash, True)
-            return
-        success, episodes = slot.success, None
-        if slot.probe is not None:  # a completion: the probe's rollouts first
-            success = np.concatenate([slot.probe.success, slot.success])
-            episodes = slot.probe.episodes + self._episodes(slot)
+            stats.groups_probe_dropped += 1  # all P failed: judged (and dropped) as a group of P
+        elif slot.probe is not None:  # a completion: the probe's rollouts first
+            success, first = np.concatenate([slot.probe.success, slot.success]), slot.probe.episodes
         self._finish_group(
-            slot.state, slot.init_hash, success, episodes or (lambda: self._episodes(slot)), stats, acc
+            slot.state, slot.init_hash, success, lambda: first + self._episodes(slot), stats, acc
         )
 
-    def _finish_group(self, state: int, init_hash: int, success: np.ndarray, episodes, stats, acc) -> None:
-        """The K rollouts of one group (`episodes`: their records, or a callable giving them): trackers,
-        curriculum, and dynamic sampling's keep or drop."""
+    def _finish_group(
+        self, state: int, init_hash: int, success: np.ndarray, episodes: Callable[[], list], stats, acc
+    ) -> None:
+        """The rollouts of one group (K; P for a failed probe): trackers, curriculum, and dynamic sampling's
+        keep or drop. `episodes()` builds their records, only for a group that is kept."""
         stats.groups_sampled += 1
         rewards = success.astype(np.float32)  # (K,) binary task success
-        self.seed_sampler.record(state, int(success.sum()), self.k)
+        self.seed_sampler.record(state, int(success.sum()), len(success))
         self.skip_tracker.update(init_hash, bool(success.all()))
         self.fail_tracker.update(init_hash, not success.any())
-        records = episodes if isinstance(episodes, list) else None
         if self.dynamic_sampling and not group_has_signal(rewards):
             stats.groups_dropped += 1
             if self.keep_solved and success.all():
-                acc.solved.extend(records if records is not None else episodes())
+                acc.solved.extend(episodes())
             return
         stats.groups_kept += 1
         acc.rewards.append(rewards)
-        acc.kept.append(records if records is not None else episodes())
+        acc.kept.append(episodes())
 
     def _result(self, stats: CollectionStats, acc: _Collected, t0: float) -> CollectionResult:
         stats.rollouts_kept = acc.rollouts_kept
@@ -511,7 +507,7 @@ class GroupedCollector:
         spare = self._spare_envs.get((task, size))
         env = spare.pop() if spare else self._build_env(task, size)
         self._spare_envs.setdefault((slot.task, slot.size), []).append(slot.env)
-        slot.env, slot.task, slot.size = env, task, size
+        slot.env, slot.task = env, task
 
     def _fault(self, slot: _Slot, err: BaseException) -> None:
         logger.warning(

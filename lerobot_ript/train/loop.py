@@ -535,16 +535,14 @@ def make_collector(run: Run, *, record_images: bool = False) -> GroupedCollector
         )
         for task in cfg.env.tasks
     ]
+    # probing: slots of P or K - P sub-envs, as many as keep a round at groups_per_round x K sub-envs
+    largest = max(r.probe_rollouts, r.rloo_batch_size - r.probe_rollouts)
+    num_slots = r.groups_per_round * r.rloo_batch_size // largest if r.probe_rollouts else r.groups_per_round
     collector = GroupedCollector(
         policy=None,
         tasks=tasks,
         group_size=r.rloo_batch_size,
-        # probing: slots of P or K - P sub-envs, as many as keep a round's sub-envs at groups_per_round x K
-        num_slots=r.groups_per_round
-        * r.rloo_batch_size
-        // max(r.probe_rollouts, r.rloo_batch_size - r.probe_rollouts)
-        if r.probe_rollouts
-        else r.groups_per_round,
+        num_slots=num_slots,
         goal_rollouts=max(1, -(-r.rollout_goal_per_step // world)),
         max_groups=r.max_groups_per_step,
         seed_sampler=SeedSampler(
